@@ -1,0 +1,32 @@
+# Each target sets itself up on first use: a .venv with the pinned torch and the project.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The torch/torchvision pair this project is tested with (pip takes it from PyPI or a local mirror).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install quickstart test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# IMPACTX end to end on the embedded digits data: stage 1, SHAP maps, stage 2, both accuracies.
+quickstart: $(STAMP)
+	$(VENV)/bin/impactx run --model lenet5 --dataset digits --batch-size 32 --lr 0.0006 \
+	    --val-fraction 0.1 --lambda 0.6 --epochs 20 --max-evals 250 --out runs/quickstart
+
+# The whole test suite, slow integration tests included.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+from impactx_ray.cli import main
+
+raise SystemExit(main())

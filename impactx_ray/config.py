@@ -1,0 +1,120 @@
+"""Run configuration: one frozen dataclass, validated on construction.
+
+Everything a run needs to be reproduced lives here; it is written to ``<out>/config.json`` and
+round-trips through the flat dicts Ray Tune uses (``to_dict`` / ``from_dict``). Validation raises
+``UserError`` with one line naming the bad value, so the CLI can exit 2 before writing anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from impactx_ray.errors import UserError
+
+# Keys that decide what stage 1 produces: a finished run directory is reused only when they match.
+STAGE1_KEYS = ("model", "dataset", "batch_size", "lr", "val_fraction", "epochs", "seed",
+               "pretrained", "weights", "image_size", "input_size")
+# Keys that, on top of the stage-1 checkpoint, decide the SHAP maps.
+EXPLAIN_KEYS = ("max_evals", "masker", "shap_batch_size")
+# Keys that decide stage 2.
+STAGE2_KEYS = ("lam", "stage2_epochs", "stage2_lr")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Hyperparameters and settings of one IMPACTX run (one model, dataset and grid point)."""
+
+    model: str = "lenet5"
+    dataset: str = "digits"
+    batch_size: int = 32
+    lr: float = 0.0006
+    val_fraction: float = 0.1
+    lam: float = 0.6                  # λ in L = CE + λ·MSE (paper eq. 1)
+    epochs: int = 10                  # stage-1 epochs
+    stage2_epochs: int | None = None  # None: same as `epochs`
+    stage2_lr: float | None = None    # None: same as `lr`
+    max_evals: int = 2000             # shap Partition explainer budget per map (paper: 2000)
+    masker: str | None = None         # shap.maskers.Image mask_value; None: blur(H//4,W//4)
+    shap_batch_size: int = 100        # `batch_size` of shap's explainer call (maps depend on it)
+    seed: int = 0
+    pretrained: bool | None = None    # None: the backbone's default (timm models: True)
+    weights: str | None = None        # local pretrained weights file
+    image_size: int = 32              # imagefolder: images are resized to this
+    input_size: int | None = None     # model input size for timm backbones (None: timm's default)
+    data_root: str = "./data"
+    download: bool = False
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_int("--batch-size", self.batch_size, minimum=1)
+        _check_int("--epochs", self.epochs, minimum=1)
+        if self.stage2_epochs is not None:
+            _check_int("--stage2-epochs", self.stage2_epochs, minimum=1)
+        _check_int("--max-evals", self.max_evals, minimum=1)
+        _check_int("--shap-batch-size", self.shap_batch_size, minimum=1)
+        _check_int("--image-size", self.image_size, minimum=8)
+        if self.input_size is not None:
+            _check_int("--input-size", self.input_size, minimum=8)
+        _check_positive("--lr", self.lr)
+        if self.stage2_lr is not None:
+            _check_positive("--stage2-lr", self.stage2_lr)
+        if not _is_number(self.val_fraction) or not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not _is_number(self.lam) or not math.isfinite(self.lam) or self.lam < 0:
+            raise UserError(f"--lambda must be a finite number >= 0, got {self.lam!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        # Names are checked against the registries lazily imported here to keep config import-light.
+        from impactx_ray.data import check_dataset_name
+        from impactx_ray.models import check_backbone_name
+
+        check_backbone_name(self.model)
+        check_dataset_name(self.dataset)
+
+    # -- derived values ---------------------------------------------------------------------
+    @property
+    def epochs2(self) -> int:
+        return self.stage2_epochs if self.stage2_epochs is not None else self.epochs
+
+    @property
+    def lr2(self) -> float:
+        return self.stage2_lr if self.stage2_lr is not None else self.lr
+
+    # -- flat dicts (config.json, Tune, MLflow params) ------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def subset(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        d = self.to_dict()
+        return {k: d[k] for k in keys}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_int(flag: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_positive(flag: str, value: Any) -> None:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{flag} must be a number > 0, got {value!r}")

@@ -1,0 +1,36 @@
+"""R: SHAP attribution maps of the true class (``shap_maps``) and their on-disk store (``store``).
+
+Plain PyTorch/NumPy/shap: no Ray or MLflow here (the Ray actors live in ``explain/actors.py``).
+"""
+
+from impactx_ray.explain.shap_maps import (
+    DEFAULT_MAX_EVALS,
+    TrueClassExplainer,
+    default_masker,
+    explain_true_class,
+    fully_masked,
+    validate_masker,
+)
+from impactx_ray.explain.store import (
+    MapStore,
+    compute_store,
+    data_fingerprint,
+    file_sha256,
+    make_meta,
+    scale_per_image,
+)
+
+__all__ = [
+    "DEFAULT_MAX_EVALS",
+    "MapStore",
+    "TrueClassExplainer",
+    "compute_store",
+    "data_fingerprint",
+    "default_masker",
+    "explain_true_class",
+    "file_sha256",
+    "fully_masked",
+    "make_meta",
+    "scale_per_image",
+    "validate_masker",
+]

@@ -1,0 +1,390 @@
+"""The map store: SHAP maps on disk, in shards, resumable, checksummed, pickle-free.
+
+Layout of a store directory::
+
+    manifest.json        immutable after creation: format, meta, num_maps, map_shape, shard plan
+    shard-00000.npy      float32 maps [start, stop) as (stop-start) x H x W x C (np.save, no pickle)
+    shard-00000.json     sidecar written *after* its .npy: store_id, index, file, start, stop, shape,
+                         bytes, sha256 (the store_id ties it to this manifest, so shards left by an
+                         earlier store in the same directory are never taken for this one's)
+    ...
+
+Why this design:
+
+* **Concurrent writers.** Ray workers will write different shards of one store at once. Nobody
+  ever rewrites a shared file: the manifest is written once (exclusively, via ``os.link`` of a
+  temporary file, so two racing creators cannot both win), and each shard owns its ``.npy`` and
+  its sidecar. The shard's sha256 therefore lives in the sidecar, not in the manifest.
+* **Crash safety.** Every file is written to a unique temporary name in the same directory, fsynced
+  and moved into place with ``os.replace``. The sidecar is the commit record: a shard counts as
+  written only if its sidecar exists and its ``.npy`` has the recorded size and sha256. A killed
+  run leaves at most a stray ``.tmp-*`` file (ignored) and a shard without sidecar (recomputed).
+  Rewriting a shard first removes its sidecar, so a half-replaced shard never looks complete.
+* **Provenance.** ``meta`` (checkpoint hash, data fingerprint, masker, max_evals, batch_size,
+  seed, engine, shap version) is fixed at creation; reopening with different meta is refused with
+  the differing key, so maps of two settings can never be mixed and existing maps are never
+  overwritten by a mismatched run.
+* **No pickle.** Maps are plain ``.npy`` read with ``allow_pickle=False``; metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shap
+import torch
+from tqdm import tqdm
+
+from impactx_ray.errors import UserError
+from impactx_ray.explain.shap_maps import (
+    TrueClassExplainer,
+    check_images,
+    default_masker,
+    eval_mode,
+    labels_array,
+    to_hwc,
+    torch_threads_ctx,
+)
+
+FORMAT = "impactx-ray-mapstore"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_META = ("checkpoint_hash", "data_fingerprint", "masker", "max_evals", "batch_size")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | np.ndarray | Sequence[int]) -> str:
+    """A sha256 over the exact image tensor (shape, dtype, bytes) and labels: one valid ``data_fingerprint``."""
+    x = images.detach().cpu().contiguous()
+    y = np.ascontiguousarray(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64))
+    h = hashlib.sha256(f"{tuple(x.shape)}|{x.dtype}|{y.shape}".encode())
+    h.update(x.numpy().tobytes())
+    h.update(y.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def scale_per_image(maps: np.ndarray) -> np.ndarray:
+    """Each map divided by its max |value|, into [-1, 1] (the decoder's target; all-zero maps stay 0).
+
+    The store keeps raw maps (DESIGN.md); scaling happens when loading, with this one function.
+    """
+    peak = np.abs(maps).reshape(len(maps), -1).max(axis=1) if len(maps) else np.zeros(0, np.float32)
+    peak = np.where(peak > 0, peak, 1).astype(maps.dtype)
+    return maps / peak.reshape(-1, *([1] * (maps.ndim - 1)))
+
+
+def make_meta(
+    *, checkpoint_hash: str, data_fingerprint: str, masker: str, max_evals: int, batch_size: int, seed: int = 0
+) -> dict[str, Any]:
+    """The full meta dict of a store computed by :func:`compute_store` with these settings."""
+    return {
+        "checkpoint_hash": checkpoint_hash,
+        "data_fingerprint": data_fingerprint,
+        "masker": masker,
+        "max_evals": int(max_evals),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "engine": "shap",
+        "shap_version": shap.__version__,
+    }
+
+
+def _normalize_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise UserError(f"map store meta lacks {', '.join(missing)}; build it with impactx_ray.explain.make_meta")
+    full = {"seed": 0, "engine": "shap", "shap_version": shap.__version__, **meta}
+    try:
+        return json.loads(json.dumps(full, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"map store meta must be JSON values (str, int, float, list, dict): {e}") from None
+
+
+def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
+    """Write ``data`` to ``path`` via a unique temp file + fsync + rename.
+
+    With ``exclusive`` the file is only created if absent (``os.link`` fails on an existing
+    target); returns False in that case instead of replacing it.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links: best effort, not race-free
+                if path.exists():
+                    return False
+                os.replace(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+class MapStore:
+    """A directory of map shards; see the module docstring for the layout and why."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open an existing store (never creates one)."""
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text())
+        except FileNotFoundError:
+            raise UserError(
+                f"no map store at {self.path} ({MANIFEST} missing); create it with MapStore.create_or_open"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"map store manifest {mpath} is unreadable ({e}); delete the directory and recompute"
+            ) from None
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise UserError(
+                f"{mpath} is not a version-{FORMAT_VERSION} {FORMAT} manifest "
+                f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
+            )
+        self.manifest: dict[str, Any] = manifest
+        self.meta: dict[str, Any] = manifest["meta"]
+        self.num_maps: int = manifest["num_maps"]
+        self.map_shape: tuple[int, int, int] = tuple(manifest["map_shape"])  # type: ignore[assignment]
+        self.shard_size: int = manifest["shard_size"]
+        self.num_shards: int = len(manifest["shards"])
+
+    @classmethod
+    def create_or_open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        meta: dict[str, Any],
+        num_maps: int,
+        map_shape: Sequence[int],
+        shard_size: int = 256,
+    ) -> MapStore:
+        """Open the store at ``path`` if it matches, create it if absent; UserError on any mismatch."""
+        path = Path(path)
+        if isinstance(num_maps, bool) or not isinstance(num_maps, int) or num_maps < 1:
+            raise UserError(f"num_maps={num_maps!r} is invalid; a map store needs at least one map")
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise UserError(f"shard_size={shard_size!r} is invalid; use an int >= 1 (default 256)")
+        shape = [int(s) for s in map_shape]
+        if len(shape) != 3 or min(shape) < 1:
+            raise UserError(f"map_shape={tuple(map_shape)} is invalid; use (H, W, C) with positive sizes")
+        starts = range(0, num_maps, shard_size)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "store_id": uuid.uuid4().hex,
+            "meta": _normalize_meta(meta),
+            "num_maps": num_maps,
+            "map_shape": shape,
+            "dtype": "float32",
+            "shard_size": shard_size,
+            "shards": [
+                {"index": i, "file": f"shard-{i:05d}.npy", "start": s, "stop": min(s + shard_size, num_maps)}
+                for i, s in enumerate(starts)
+            ],
+        }
+        path.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        if not _write_atomic(path / MANIFEST, data, exclusive=True):
+            store = cls(path)
+            store._check_same(manifest)
+            return store
+        return cls(path)
+
+    def _check_same(self, wanted: dict[str, Any]) -> None:
+        have = self.manifest
+        for key in sorted(set(have["meta"]) | set(wanted["meta"])):
+            a, b = have["meta"].get(key), wanted["meta"].get(key)
+            if a != b:
+                raise UserError(
+                    f"map store {self.path} was made with {key}={a!r}, not {key}={b!r}; "
+                    "use another directory (existing maps are never overwritten)"
+                )
+        for key in ("num_maps", "map_shape", "shard_size"):
+            if have[key] != wanted[key]:
+                raise UserError(
+                    f"map store {self.path} has {key}={have[key]!r}, not {wanted[key]!r}; use another directory"
+                )
+
+    def shard_range(self, i: int) -> tuple[int, int]:
+        """Sample indices [start, stop) of shard ``i``."""
+        if not 0 <= i < self.num_shards:
+            raise IndexError(f"shard {i} out of range 0..{self.num_shards - 1}")
+        s = self.manifest["shards"][i]
+        return s["start"], s["stop"]
+
+    def _npy(self, i: int) -> Path:
+        return self.path / self.manifest["shards"][i]["file"]
+
+    def _sidecar(self, i: int) -> Path:
+        return self._npy(i).with_suffix(".json")
+
+    def shard_info(self, i: int) -> dict[str, Any] | None:
+        """The sidecar of shard ``i`` if present, readable and consistent with the plan, else None."""
+        try:
+            info = json.loads(self._sidecar(i).read_text())
+        except (OSError, ValueError):
+            return None
+        start, stop = self.shard_range(i)
+        plan = {"store_id": self.manifest["store_id"], "index": i, "file": self._npy(i).name}
+        plan |= {"start": start, "stop": stop}
+        if not isinstance(info, dict) or any(info.get(k) != v for k, v in plan.items()):
+            return None
+        return info
+
+    def _shard_ok(self, i: int, verify: bool) -> bool:
+        info = self.shard_info(i)
+        if info is None:
+            return False
+        try:
+            if self._npy(i).stat().st_size != info.get("bytes"):
+                return False
+        except OSError:
+            return False
+        return not verify or file_sha256(self._npy(i)) == info.get("sha256")
+
+    def missing_shards(self, verify: bool = True) -> list[int]:
+        """Shards to (re)compute: no sidecar, file missing or of the wrong size, or (verify) wrong sha256."""
+        return [i for i in range(self.num_shards) if not self._shard_ok(i, verify)]
+
+    def is_complete(self, verify: bool = True) -> bool:
+        return not self.missing_shards(verify)
+
+    def write_shard(self, i: int, maps: np.ndarray) -> None:
+        """Write shard ``i`` atomically: .npy first, then its sidecar (the commit record)."""
+        start, stop = self.shard_range(i)
+        want = (stop - start, *self.map_shape)
+        if not isinstance(maps, np.ndarray) or maps.dtype != np.float32 or maps.shape != want:
+            got = (getattr(maps, "dtype", type(maps).__name__), getattr(maps, "shape", None))
+            raise ValueError(f"shard {i} needs float32 maps of shape {want}, got {got[0]} {got[1]}")
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(maps), allow_pickle=False)
+        data = buf.getvalue()
+        self._sidecar(i).unlink(missing_ok=True)
+        _write_atomic(self._npy(i), data)
+        info = {
+            "store_id": self.manifest["store_id"],
+            "index": i,
+            "file": self._npy(i).name,
+            "start": start,
+            "stop": stop,
+            "shape": list(want),
+            "dtype": "float32",
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        _write_atomic(self._sidecar(i), json.dumps(info, indent=1, sort_keys=True).encode())
+
+    def load_shard(self, i: int) -> np.ndarray:
+        """Maps of shard ``i``, checksum-verified; UserError if it is missing or corrupt."""
+        info = self.shard_info(i)
+        try:
+            data = self._npy(i).read_bytes() if info is not None else None
+        except OSError:
+            data = None
+        if data is None or info is None or hashlib.sha256(data).hexdigest() != info.get("sha256"):
+            raise UserError(
+                f"map store {self.path}: shard {i} is missing or corrupt; run the map computation again to fill it"
+            )
+        maps = np.load(io.BytesIO(data), allow_pickle=False)
+        start, stop = self.shard_range(i)
+        if maps.dtype != np.float32 or maps.shape != (stop - start, *self.map_shape):
+            raise UserError(f"map store {self.path}: shard {i} has {maps.dtype} {maps.shape}; recompute it")
+        return maps
+
+    def load(self) -> np.ndarray:
+        """All maps, N x H x W x C float32 in sample order; UserError if any shard is missing or corrupt."""
+        missing = self.missing_shards(verify=False)
+        if missing:
+            head = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            raise UserError(
+                f"map store {self.path} is incomplete: {len(missing)} of {self.num_shards} shards missing "
+                f"({head}); run the map computation again to fill them"
+            )
+        out = np.empty((self.num_maps, *self.map_shape), dtype=np.float32)
+        for i in range(self.num_shards):
+            start, stop = self.shard_range(i)
+            out[start:stop] = self.load_shard(i)
+        return out
+
+
+def compute_store(
+    store: MapStore,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray | Sequence[int],
+    *,
+    max_evals: int,
+    masker: str | None,
+    batch_size: int,
+    progress: bool = True,
+    seed: int = 0,
+    torch_threads: int | None = 1,
+) -> MapStore:
+    """Compute the store's missing shards with shap (true class), writing each as it finishes.
+
+    Shards already written and intact are never recomputed, so a killed run resumes where it
+    stopped. The settings must equal the store's meta (else UserError); the caller vouches that
+    ``images``/``labels`` are what ``meta['data_fingerprint']`` names and ``model`` what
+    ``meta['checkpoint_hash']`` names. ``torch_threads`` as in :func:`explain_true_class`.
+    """
+    check_images(images)
+    n, c, h, w = images.shape
+    if n != store.num_maps or (h, w, c) != store.map_shape:
+        raise UserError(
+            f"images {tuple(images.shape)} do not fit map store {store.path} "
+            f"({store.num_maps} maps of H x W x C {store.map_shape}); use the data the store was made for"
+        )
+    y = labels_array(labels, n)
+    masker = masker or default_masker(h, w)
+    settings = {"masker": masker, "max_evals": max_evals, "batch_size": batch_size, "seed": seed}
+    for key, value in settings.items():
+        if key in store.meta and store.meta[key] != value:
+            raise UserError(
+                f"map store {store.path} was made with {key}={store.meta[key]!r}, not {key}={value!r}; "
+                "use the store's settings or another directory"
+            )
+    missing = store.missing_shards(verify=True)
+    if not missing:
+        return store
+    ex = TrueClassExplainer(
+        model, (c, h, w), max_evals=max_evals, masker=masker, batch_size=batch_size,
+        dtype=images.dtype, seed=seed,
+    )
+    hwc = to_hwc(images)
+    total = sum(b - a for a, b in map(store.shard_range, missing))
+    bar = tqdm(total=total, unit="map", desc="SHAP maps", disable=not progress, dynamic_ncols=True)
+    with eval_mode(model), torch_threads_ctx(torch_threads), bar:
+        ex.check_labels(hwc, y)
+        for i in missing:
+            start, stop = store.shard_range(i)
+            maps = np.empty((stop - start, h, w, c), dtype=np.float32)
+            for j in range(start, stop):
+                maps[j - start] = ex.explain(hwc[j], int(y[j]))
+                bar.update(1)
+            store.write_shard(i, maps)
+    return store

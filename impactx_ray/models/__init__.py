@@ -1,0 +1,35 @@
+"""Models: the backbone registry (LeNet-5, timm), and IMPACTX's LEP, decoder and assembly."""
+
+from impactx_ray.models.registry import (
+    BACKBONES,
+    Backbone,
+    InputAdapter,
+    check_backbone_name,
+    create_backbone,
+    default_pretrained,
+    list_backbones,
+    register_backbone,
+)
+from impactx_ray.models import lenet5 as _lenet5  # noqa: F401  (registers "lenet5")
+from impactx_ray.models import timm_backbones as _timm_backbones  # noqa: F401  (registers the timm names)
+from impactx_ray.models.decoder import Decoder
+from impactx_ray.models.impactx import ImpactX
+from impactx_ray.models.lenet5 import LeNet5
+from impactx_ray.models.lep import LEP
+from impactx_ray.models.timm_backbones import TimmBackbone
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "Decoder",
+    "ImpactX",
+    "InputAdapter",
+    "LEP",
+    "LeNet5",
+    "TimmBackbone",
+    "check_backbone_name",
+    "create_backbone",
+    "default_pretrained",
+    "list_backbones",
+    "register_backbone",
+]

@@ -1,0 +1,294 @@
+"""One IMPACTX run on a run directory: stage 1 → SHAP maps → stage 2 → test accuracies.
+
+Layout of ``<out>``::
+
+    config.json            the RunConfig every step reads (sub-commands may override parts of it)
+    stage1/model.pt        A = Q∘M with the best validation accuracy, + stage1/history.json
+    maps/<key>/            map store of that checkpoint (key = hash of checkpoint + shap settings)
+    stage2/model.pt        IMPACTX (M frozen, LEP, D, C), + stage2/history.json
+    result.json            test accuracies of A and IMPACTX, hyperparameters, timings
+
+Every step validates its inputs before writing anything, reuses finished work (a rerun of ``run``
+skips stages whose outputs match the config, and the map store resumes shard by shard), and never
+overwrites a finished artifact: a redone checkpoint moves the old one aside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shap
+import torch
+
+from impactx_ray.config import EXPLAIN_KEYS, STAGE1_KEYS, STAGE2_KEYS, RunConfig
+from impactx_ray.data import ImageData, dataset_fingerprint, load_dataset, train_val_split
+from impactx_ray.errors import UserError
+from impactx_ray.explain import MapStore, compute_store
+from impactx_ray.models import Backbone, ImpactX
+from impactx_ray.train import build_backbone, train_stage1, train_stage2
+from impactx_ray.train.checkpoint import check_meta, file_sha256, load_checkpoint, save_checkpoint
+from impactx_ray.train.loop import accuracy, eval_mode, resolve_device
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; run `impactx run --out {path.parent}` first") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path: return self.root / "config.json"
+    @property
+    def stage1(self) -> Path: return self.root / "stage1" / "model.pt"
+    @property
+    def stage2(self) -> Path: return self.root / "stage2" / "model.pt"
+    @property
+    def result(self) -> Path: return self.root / "result.json"
+
+    def maps(self, key: str) -> Path:
+        return self.root / "maps" / key
+
+
+def load_run_config(out: Path, overrides: dict[str, Any]) -> RunConfig:
+    """The run's saved config with ``overrides`` applied (validated; nothing is written)."""
+    saved = read_json(RunDir(out).config)
+    return RunConfig.from_dict({**saved, **overrides})
+
+
+class Run:
+    """The steps of one run. Construct it, then call ``stage1``/``explain``/``stage2``/``evaluate``."""
+
+    def __init__(self, cfg: RunConfig, out: str | Path, *, progress: bool = True):
+        self.cfg, self.dir, self.progress = cfg, RunDir(Path(out)), progress
+        self.device = resolve_device(cfg.device)
+        self._data: tuple[ImageData, ImageData] | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- shared inputs ----------------------------------------------------------------------------
+    @property
+    def train_data(self) -> ImageData:
+        return self._load()[0]
+
+    @property
+    def test_data(self) -> ImageData:
+        return self._load()[1]
+
+    def _load(self) -> tuple[ImageData, ImageData]:
+        if self._data is None:
+            self._data = load_dataset(self.cfg.dataset, self.cfg.data_root,
+                                      download=self.cfg.download, image_size=self.cfg.image_size)
+        return self._data
+
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tr, va = train_val_split(len(self.train_data), self.cfg.val_fraction, seed=self.cfg.seed)
+        return torch.as_tensor(tr), torch.as_tensor(va)
+
+    def save_config(self) -> None:
+        write_json(self.dir.config, self.cfg.to_dict())
+
+    def check_compatible(self) -> None:
+        """Refuse to mix a new config into a directory that already holds a different run."""
+        if not self.dir.config.exists():
+            return
+        saved = read_json(self.dir.config)
+        for key in STAGE1_KEYS + EXPLAIN_KEYS + STAGE2_KEYS:
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                raise UserError(f"{self.dir.root} already holds a run with {key}={saved[key]!r} "
+                                f"(asked: {getattr(self.cfg, key)!r}); choose another --out, or "
+                                "redo one step with `impactx stage1|explain|stage2 --out`")
+
+    # -- stage 1 ----------------------------------------------------------------------------------
+    def stage1_meta(self) -> dict[str, Any]:
+        return {"kind": "stage1", "model": self.cfg.model, "num_classes": self.train_data.num_classes,
+                "config": self.cfg.subset(STAGE1_KEYS)}
+
+    def stage1_done(self) -> bool:
+        if not self.dir.stage1.exists():
+            return False
+        _, meta = load_checkpoint(self.dir.stage1)
+        return meta.get("config") == self.cfg.subset(STAGE1_KEYS)
+
+    def stage1(self) -> dict[str, Any]:
+        train_idx, val_idx = self.split()
+        result = train_stage1(self.cfg, self.train_data, train_idx, val_idx, device=self.device,
+                              progress=self.progress)
+        meta = {**self.stage1_meta(), "best_epoch": result.best_epoch,
+                "val_accuracy": result.best_val_accuracy, "seconds": result.seconds}
+        save_checkpoint(self.dir.stage1, result.model.state_dict(), meta)
+        write_json(self.dir.stage1.with_name("history.json"), result.history)
+        return meta
+
+    def load_stage1(self, path: Path | None = None) -> tuple[Backbone, str]:
+        """The stage-1 model (from ``path`` or the run's own checkpoint) and its file hash."""
+        path = path or self.dir.stage1
+        state, meta = load_checkpoint(path)
+        check_meta(path, meta, {"kind": "stage1", "model": self.cfg.model,
+                                "num_classes": self.train_data.num_classes})
+        cfg = self.cfg.replace(pretrained=False, weights=None)  # the file holds every weight
+        model = build_backbone(cfg, self.train_data.num_classes)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {path} does not fit a {self.cfg.model}: "
+                            f"{str(e).splitlines()[0][:160]}") from None
+        return model.to(self.device).eval(), file_sha256(path)
+
+    # -- SHAP maps --------------------------------------------------------------------------------
+    def map_meta(self, checkpoint_hash: str) -> dict[str, Any]:
+        h, w = self.train_data.image_size
+        return {"checkpoint_hash": checkpoint_hash,
+                "data_fingerprint": dataset_fingerprint(self.train_data),
+                "masker": self.cfg.masker or f"blur({h // 4},{w // 4})",
+                "max_evals": self.cfg.max_evals, "batch_size": self.cfg.shap_batch_size,
+                "engine": "shap", "shap_version": shap.__version__}
+
+    def map_store_path(self, meta: dict[str, Any]) -> Path:
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        return self.dir.maps(key)
+
+    def open_map_store(self, checkpoint_hash: str) -> MapStore:
+        meta = self.map_meta(checkpoint_hash)
+        data = self.train_data
+        c = data.images.shape[1]
+        h, w = data.image_size
+        return MapStore.create_or_open(self.map_store_path(meta), meta=meta, num_maps=len(data),
+                                       map_shape=(h, w, c))
+
+    def explain(self, checkpoint: Path | None = None) -> MapStore:
+        model, ckpt_hash = self.load_stage1(checkpoint)
+        store = self.open_map_store(ckpt_hash)
+        data = self.train_data
+        meta = store.meta
+        compute_store(store, model, data.float_images(), data.labels, max_evals=meta["max_evals"],
+                      masker=meta["masker"], batch_size=meta["batch_size"], progress=self.progress)
+        return store
+
+    def load_maps(self, ckpt_hash: str, maps: Path | None = None) -> np.ndarray:
+        """Maps for ``ckpt_hash``: from ``maps`` (checked to match) or the run's own store."""
+        if maps is not None:
+            store = MapStore(maps)
+            built_from = store.meta.get("checkpoint_hash")
+            if built_from != ckpt_hash:
+                raise UserError(f"map store {maps} was built from checkpoint {str(built_from)[:12]}, "
+                                f"but the stage-1 checkpoint is {ckpt_hash[:12]}; "
+                                "run `impactx explain` for this checkpoint")
+        else:
+            path = self.map_store_path(self.map_meta(ckpt_hash))
+            if not (path / "manifest.json").exists():
+                raise UserError(f"no SHAP maps for stage-1 checkpoint {ckpt_hash[:12]} with these "
+                                f"settings; run `impactx explain --out {self.dir.root}` first")
+            store = MapStore(path)
+        if len(store.missing_shards()) > 0:
+            raise UserError(f"map store {store.path} is incomplete; rerun `impactx explain` to "
+                            "finish it (finished shards are kept)")
+        return store.load()
+
+    # -- stage 2 ----------------------------------------------------------------------------------
+    def stage2(self, checkpoint: Path | None = None, maps: Path | None = None) -> dict[str, Any]:
+        backbone, ckpt_hash = self.load_stage1(checkpoint)
+        all_maps = self.load_maps(ckpt_hash, maps)
+        train_idx, val_idx = self.split()
+        result = train_stage2(self.cfg, backbone, self.train_data, all_maps, train_idx, val_idx,
+                              device=self.device, progress=self.progress)
+        meta = {"kind": "stage2", "model": self.cfg.model,
+                "num_classes": self.train_data.num_classes, "stage1_hash": ckpt_hash,
+                "image_size": list(self.train_data.image_size), "channels": int(all_maps.shape[-1]),
+                "config": self.cfg.subset(STAGE1_KEYS + EXPLAIN_KEYS + STAGE2_KEYS),
+                "best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
+                "seconds": result.seconds}
+        save_checkpoint(self.dir.stage2, result.model.state_dict(), meta)
+        write_json(self.dir.stage2.with_name("history.json"), result.history)
+        return meta
+
+    def stage2_done(self) -> bool:
+        if not (self.dir.stage2.exists() and self.dir.stage1.exists()):
+            return False
+        _, meta = load_checkpoint(self.dir.stage2)
+        return (meta.get("stage1_hash") == file_sha256(self.dir.stage1) and meta.get("config")
+                == self.cfg.subset(STAGE1_KEYS + EXPLAIN_KEYS + STAGE2_KEYS))
+
+    def load_stage2(self) -> ImpactX:
+        state, meta = load_checkpoint(self.dir.stage2)
+        check_meta(self.dir.stage2, meta, {"kind": "stage2", "model": self.cfg.model,
+                                           "num_classes": self.train_data.num_classes})
+        backbone = build_backbone(self.cfg.replace(pretrained=False, weights=None),
+                                  self.train_data.num_classes)
+        model = ImpactX.from_backbone(backbone, image_size=tuple(meta["image_size"]),
+                                      channels=meta["channels"])
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {self.dir.stage2} does not fit IMPACTX on "
+                            f"{self.cfg.model}: {str(e).splitlines()[0][:160]}") from None
+        return model.to(self.device).eval()
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        baseline, _ = self.load_stage1()
+        impactx = self.load_stage2()
+        _, meta1 = load_checkpoint(self.dir.stage1)
+        _, meta2 = load_checkpoint(self.dir.stage2)
+        test = self.test_data
+        result = {
+            "baseline_test_accuracy": accuracy(eval_mode(baseline), test, device=self.device),
+            "impactx_test_accuracy": accuracy(eval_mode(impactx), test, device=self.device),
+            "baseline_val_accuracy": meta1["val_accuracy"],
+            "impactx_val_accuracy": meta2["val_accuracy"],
+            "hyperparameters": self.cfg.to_dict(),
+            "num_train": len(self.train_data), "num_test": len(test),
+            "timings_s": {"stage1": meta1["seconds"], "stage2": meta2["seconds"], **self.timings},
+            "device": str(self.device),
+        }
+        write_json(self.dir.result, result)
+        return result
+
+    # -- everything -------------------------------------------------------------------------------
+    def run_all(self) -> dict[str, Any]:
+        self.check_compatible()
+        self._load()  # missing data fails here, before anything is written
+        self.save_config()
+        if self.stage1_done():
+            self.say(f"stage 1: reusing {self.dir.stage1}")
+        else:
+            self.timed("stage1_wall", self.stage1)
+        t = time.perf_counter()
+        store = self.explain()
+        self.timings["explain"] = time.perf_counter() - t
+        self.timings["maps"] = float(store.num_maps)
+        if self.stage2_done():
+            self.say(f"stage 2: reusing {self.dir.stage2}")
+        else:
+            self.timed("stage2_wall", self.stage2)
+        return self.evaluate()
+
+    def timed(self, name: str, fn) -> Any:
+        t = time.perf_counter()
+        out = fn()
+        self.timings[name] = time.perf_counter() - t
+        return out
+
+    def say(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
