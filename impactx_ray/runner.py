@@ -7,6 +7,7 @@ Layout of ``<out>``::
     maps/<key>/            map store of that checkpoint (key = hash of checkpoint + shap settings)
     stage2/model.pt        IMPACTX (M frozen, LEP, D, C), + stage2/history.json
     result.json            test accuracies of A and IMPACTX, hyperparameters, timings
+    timings.json           seconds per step and maps/s, merged across commands
 
 Every step validates its inputs before writing anything, reuses finished work (a rerun of ``run``
 skips stages whose outputs match the config, and the map store resumes shard by shard), and never
@@ -24,16 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import shap
 import torch
 
 from impactx_ray.config import EXPLAIN_KEYS, STAGE1_KEYS, STAGE2_KEYS, RunConfig
 from impactx_ray.data import ImageData, dataset_fingerprint, load_dataset, train_val_split
 from impactx_ray.errors import UserError
-from impactx_ray.explain import MapStore, compute_store
+from impactx_ray.explain import (MapStore, compute_store, default_masker, file_sha256, make_meta,
+                                 validate_masker)
 from impactx_ray.models import Backbone, ImpactX
 from impactx_ray.train import build_backbone, train_stage1, train_stage2
-from impactx_ray.train.checkpoint import check_meta, file_sha256, load_checkpoint, save_checkpoint
+from impactx_ray.train.checkpoint import check_meta, load_checkpoint, save_checkpoint
 from impactx_ray.train.loop import accuracy, eval_mode, resolve_device
 
 
@@ -66,6 +67,8 @@ class RunDir:
     def stage2(self) -> Path: return self.root / "stage2" / "model.pt"
     @property
     def result(self) -> Path: return self.root / "result.json"
+    @property
+    def timings_file(self) -> Path: return self.root / "timings.json"
 
     def maps(self, key: str) -> Path:
         return self.root / "maps" / key
@@ -158,11 +161,11 @@ class Run:
     # -- SHAP maps --------------------------------------------------------------------------------
     def map_meta(self, checkpoint_hash: str) -> dict[str, Any]:
         h, w = self.train_data.image_size
-        return {"checkpoint_hash": checkpoint_hash,
-                "data_fingerprint": dataset_fingerprint(self.train_data),
-                "masker": self.cfg.masker or f"blur({h // 4},{w // 4})",
-                "max_evals": self.cfg.max_evals, "batch_size": self.cfg.shap_batch_size,
-                "engine": "shap", "shap_version": shap.__version__}
+        return make_meta(checkpoint_hash=checkpoint_hash,
+                         data_fingerprint=dataset_fingerprint(self.train_data),
+                         masker=validate_masker(self.cfg.masker or default_masker(h, w)),
+                         max_evals=self.cfg.max_evals, batch_size=self.cfg.shap_batch_size,
+                         seed=self.cfg.seed)
 
     def map_store_path(self, meta: dict[str, Any]) -> Path:
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -177,12 +180,23 @@ class Run:
                                        map_shape=(h, w, c))
 
     def explain(self, checkpoint: Path | None = None) -> MapStore:
+        """Compute the missing maps of the checkpoint's store; records maps/s in ``timings``."""
         model, ckpt_hash = self.load_stage1(checkpoint)
         store = self.open_map_store(ckpt_hash)
-        data = self.train_data
-        meta = store.meta
+        data, meta = self.train_data, store.meta
+        todo = sum(b - a for a, b in map(store.shard_range, store.missing_shards()))
+        start = time.perf_counter()
         compute_store(store, model, data.float_images(), data.labels, max_evals=meta["max_evals"],
-                      masker=meta["masker"], batch_size=meta["batch_size"], progress=self.progress)
+                      masker=meta["masker"], batch_size=meta["batch_size"], seed=meta["seed"],
+                      progress=self.progress)
+        seconds = time.perf_counter() - start
+        if todo:
+            self.timings.update(explain=seconds, maps_computed=todo, maps_per_s=todo / seconds)
+            self.record_timings()
+            self.say(f"SHAP maps: {todo} in {seconds:.1f} s ({todo / seconds:.2f} maps/s) "
+                     f"-> {store.path}")
+        else:
+            self.say(f"SHAP maps: reusing {store.path}")
         return store
 
     def load_maps(self, ckpt_hash: str, maps: Path | None = None) -> np.ndarray:
@@ -258,7 +272,7 @@ class Run:
             "impactx_val_accuracy": meta2["val_accuracy"],
             "hyperparameters": self.cfg.to_dict(),
             "num_train": len(self.train_data), "num_test": len(test),
-            "timings_s": {"stage1": meta1["seconds"], "stage2": meta2["seconds"], **self.timings},
+            "timings_s": self.record_timings(stage1=meta1["seconds"], stage2=meta2["seconds"]),
             "device": str(self.device),
         }
         write_json(self.dir.result, result)
@@ -273,15 +287,19 @@ class Run:
             self.say(f"stage 1: reusing {self.dir.stage1}")
         else:
             self.timed("stage1_wall", self.stage1)
-        t = time.perf_counter()
-        store = self.explain()
-        self.timings["explain"] = time.perf_counter() - t
-        self.timings["maps"] = float(store.num_maps)
+        self.explain()
         if self.stage2_done():
             self.say(f"stage 2: reusing {self.dir.stage2}")
         else:
             self.timed("stage2_wall", self.stage2)
         return self.evaluate()
+
+    def record_timings(self, **extra: float) -> dict[str, float]:
+        """Merge this process's timings into ``timings.json`` (steps may run in separate commands)."""
+        saved = read_json(self.dir.timings_file) if self.dir.timings_file.exists() else {}
+        merged = {**saved, **self.timings, **extra}
+        write_json(self.dir.timings_file, merged)
+        return merged
 
     def timed(self, name: str, fn) -> Any:
         t = time.perf_counter()

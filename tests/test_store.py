@@ -18,7 +18,6 @@ from impactx_ray.explain import (
     explain_true_class,
     file_sha256,
     make_meta,
-    scale_per_image,
 )
 
 N, C, H, W, K = 5, 3, 16, 16, 4
@@ -175,15 +174,6 @@ def test_data_fingerprint_sensitive(data) -> None:
     assert data_fingerprint(x, y) == data_fingerprint(x.clone(), y.tolist())
     assert data_fingerprint(x, y) != data_fingerprint(x, y.flip(0))
     assert data_fingerprint(x, y) != data_fingerprint(x + 1e-6, y)
-
-
-def test_scale_per_image() -> None:
-    maps = np.stack([np.full((2, 2, 1), -4.0), np.zeros((2, 2, 1)), np.array([[[1.0], [0.5]], [[-0.25], [0.0]]])])
-    scaled = scale_per_image(maps.astype(np.float32))
-    assert scaled.dtype == np.float32 and np.abs(scaled).max() <= 1
-    np.testing.assert_array_equal(scaled[0], -1)
-    np.testing.assert_array_equal(scaled[1], 0)
-    np.testing.assert_allclose(scaled[2].ravel(), [1, 0.5, -0.25, 0])
 
 
 def test_concurrent_writers(tmp_path: Path, data) -> None:

@@ -17,7 +17,6 @@ from impactx_ray.explain.store import (
     data_fingerprint,
     file_sha256,
     make_meta,
-    scale_per_image,
 )
 
 __all__ = [
@@ -31,6 +30,5 @@ __all__ = [
     "file_sha256",
     "fully_masked",
     "make_meta",
-    "scale_per_image",
     "validate_masker",
 ]

@@ -79,16 +79,6 @@ def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | np.ndarray | S
     return "sha256:" + h.hexdigest()
 
 
-def scale_per_image(maps: np.ndarray) -> np.ndarray:
-    """Each map divided by its max |value|, into [-1, 1] (the decoder's target; all-zero maps stay 0).
-
-    The store keeps raw maps (DESIGN.md); scaling happens when loading, with this one function.
-    """
-    peak = np.abs(maps).reshape(len(maps), -1).max(axis=1) if len(maps) else np.zeros(0, np.float32)
-    peak = np.where(peak > 0, peak, 1).astype(maps.dtype)
-    return maps / peak.reshape(-1, *([1] * (maps.ndim - 1)))
-
-
 def make_meta(
     *, checkpoint_hash: str, data_fingerprint: str, masker: str, max_evals: int, batch_size: int, seed: int = 0
 ) -> dict[str, Any]:

@@ -8,7 +8,6 @@ they were not computed from.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,7 @@ from typing import Any
 import torch
 
 from impactx_ray.errors import UserError
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from impactx_ray.explain.store import file_sha256
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor],
