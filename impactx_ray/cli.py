@@ -32,6 +32,16 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 # (flag, RunConfig field, type, help). Defaults are suppressed so that sub-commands can tell what
 # the user actually passed from what comes from the run's saved config.json.
 CONFIG_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -79,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--download", dest="download", action="store_true",
                        help="download the dataset if it is missing")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name in ("run", "explain"):
+            p.add_argument("--workers", type=_positive_int, help="compute the SHAP maps on N Ray "
+                           "workers (attaches to RAY_ADDRESS when set, else starts a local Ray)")
+            p.add_argument("--gpus-per-worker", type=float, help="GPUs per map worker (default: "
+                           "1 when the cluster has GPUs, else 0)")
         if name in ("explain", "stage2"):
             p.add_argument("--checkpoint", type=Path, help="stage-1 checkpoint to use instead of "
                            "the run's own")
@@ -107,10 +122,13 @@ def run_command(args: argparse.Namespace) -> None:
     overrides = _config_overrides(args)
     if args.command == "run":
         cfg = RunConfig.from_dict(overrides)
-        _print_result(Run(cfg, out, progress=progress).run_all(), out)
+        run = Run(cfg, out, progress=progress)
+        run.gpus_per_worker = getattr(args, "gpus_per_worker", None)
+        _print_result(run.run_all(workers=getattr(args, "workers", None)), out)
         return
     cfg = load_run_config(out, overrides)
     run = Run(cfg, out, progress=progress)
+    run.gpus_per_worker = getattr(args, "gpus_per_worker", None)
     run.train_data  # noqa: B018 - load (and check) the data before anything is written
     checkpoint = getattr(args, "checkpoint", None)
     if args.command == "stage1":
@@ -120,7 +138,7 @@ def run_command(args: argparse.Namespace) -> None:
               f" -> {run.dir.stage1}")
     elif args.command == "explain":
         run.load_stage1(checkpoint)  # validate the checkpoint before touching the store
-        store = run.explain(checkpoint)
+        store = run.explain(checkpoint, workers=getattr(args, "workers", None))
         run.save_config()
         print(f"maps: {store.num_maps} in {store.path}")
     elif args.command == "stage2":

@@ -21,6 +21,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from impactx_ray.explain import (MapStore, compute_store, default_masker, file_s
                                  validate_masker)
 from impactx_ray.models import Backbone, ImpactX
 from impactx_ray.train import build_backbone, train_stage1, train_stage2
+from impactx_ray.train.stage1 import load_backbone
 from impactx_ray.train.checkpoint import check_meta, load_checkpoint, save_checkpoint
 from impactx_ray.train.loop import accuracy, eval_mode, resolve_device
 
@@ -87,6 +89,7 @@ class Run:
         self.cfg, self.dir, self.progress = cfg, RunDir(Path(out)), progress
         self.device = resolve_device(cfg.device)
         self._data: tuple[ImageData, ImageData] | None = None
+        self.gpus_per_worker: float | None = None  # Ray map workers; None: 1 if the cluster has GPUs
         self.timings: dict[str, float] = {}
 
     # -- shared inputs ----------------------------------------------------------------------------
@@ -146,17 +149,12 @@ class Run:
     def load_stage1(self, path: Path | None = None) -> tuple[Backbone, str]:
         """The stage-1 model (from ``path`` or the run's own checkpoint) and its file hash."""
         path = path or self.dir.stage1
-        state, meta = load_checkpoint(path)
-        check_meta(path, meta, {"kind": "stage1", "model": self.cfg.model,
-                                "num_classes": self.train_data.num_classes})
-        cfg = self.cfg.replace(pretrained=False, weights=None)  # the file holds every weight
-        model = build_backbone(cfg, self.train_data.num_classes)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {path} does not fit a {self.cfg.model}: "
-                            f"{str(e).splitlines()[0][:160]}") from None
+        model = load_backbone(path, **self.backbone_spec())
         return model.to(self.device).eval(), file_sha256(path)
+
+    def backbone_spec(self) -> dict[str, Any]:
+        return {"model": self.cfg.model, "num_classes": self.train_data.num_classes,
+                "input_size": self.cfg.input_size}
 
     # -- SHAP maps --------------------------------------------------------------------------------
     def map_meta(self, checkpoint_hash: str) -> dict[str, Any]:
@@ -179,16 +177,25 @@ class Run:
         return MapStore.create_or_open(self.map_store_path(meta), meta=meta, num_maps=len(data),
                                        map_shape=(h, w, c))
 
-    def explain(self, checkpoint: Path | None = None) -> MapStore:
-        """Compute the missing maps of the checkpoint's store; records maps/s in ``timings``."""
+    def explain(self, checkpoint: Path | None = None, workers: int | None = None) -> MapStore:
+        """Compute the missing maps of the checkpoint's store, in this process or on ``workers``
+        Ray actors; records maps/s in ``timings``."""
         model, ckpt_hash = self.load_stage1(checkpoint)
         store = self.open_map_store(ckpt_hash)
         data, meta = self.train_data, store.meta
         todo = sum(b - a for a, b in map(store.shard_range, store.missing_shards()))
+        settings = {"max_evals": meta["max_evals"], "masker": meta["masker"],
+                    "batch_size": meta["batch_size"], "seed": meta["seed"],
+                    "progress": self.progress}
         start = time.perf_counter()
-        compute_store(store, model, data.float_images(), data.labels, max_evals=meta["max_evals"],
-                      masker=meta["masker"], batch_size=meta["batch_size"], seed=meta["seed"],
-                      progress=self.progress)
+        if workers is None:
+            compute_store(store, model, data.float_images(), data.labels, **settings)
+        else:
+            from impactx_ray.explain.actors import compute_store_ray
+
+            build = partial(load_backbone, checkpoint or self.dir.stage1, **self.backbone_spec())
+            compute_store_ray(store, build, data.float_images(), data.labels, workers=workers,
+                              gpus_per_worker=self.gpus_per_worker, **settings)
         seconds = time.perf_counter() - start
         if todo:
             self.timings.update(explain=seconds, maps_computed=todo, maps_per_s=todo / seconds)
@@ -279,7 +286,7 @@ class Run:
         return result
 
     # -- everything -------------------------------------------------------------------------------
-    def run_all(self) -> dict[str, Any]:
+    def run_all(self, workers: int | None = None) -> dict[str, Any]:
         self.check_compatible()
         self._load()  # missing data fails here, before anything is written
         self.save_config()
@@ -287,7 +294,7 @@ class Run:
             self.say(f"stage 1: reusing {self.dir.stage1}")
         else:
             self.timed("stage1_wall", self.stage1)
-        self.explain()
+        self.explain(workers=workers)
         if self.stage2_done():
             self.say(f"stage 2: reusing {self.dir.stage2}")
         else:

@@ -11,6 +11,7 @@ from impactx_ray.explain.shap_maps import (
     fully_masked,
     validate_masker,
 )
+from impactx_ray.explain.load import find_run_store, load_maps
 from impactx_ray.explain.store import (
     MapStore,
     compute_store,
@@ -20,6 +21,9 @@ from impactx_ray.explain.store import (
 )
 
 __all__ = [
+    "compute_store_ray",
+    "find_run_store",
+    "load_maps",
     "DEFAULT_MAX_EVALS",
     "MapStore",
     "TrueClassExplainer",
@@ -32,3 +36,12 @@ __all__ = [
     "make_meta",
     "validate_masker",
 ]
+
+
+def __getattr__(name: str):
+    # Ray is imported only by those who use it: importing the package stays Ray-free.
+    if name == "compute_store_ray":
+        from impactx_ray.explain.actors import compute_store_ray
+
+        return compute_store_ray
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

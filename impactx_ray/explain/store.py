@@ -57,6 +57,9 @@ from impactx_ray.explain.shap_maps import (
 FORMAT = "impactx-ray-mapstore"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: Small enough for even load over many workers and little lost work when one dies; large enough
+#: that a CIFAR training set is a few hundred files.
+DEFAULT_SHARD_SIZE = 128
 REQUIRED_META = ("checkpoint_hash", "data_fingerprint", "masker", "max_evals", "batch_size")
 
 
@@ -171,14 +174,14 @@ class MapStore:
         meta: dict[str, Any],
         num_maps: int,
         map_shape: Sequence[int],
-        shard_size: int = 256,
+        shard_size: int = DEFAULT_SHARD_SIZE,
     ) -> MapStore:
         """Open the store at ``path`` if it matches, create it if absent; UserError on any mismatch."""
         path = Path(path)
         if isinstance(num_maps, bool) or not isinstance(num_maps, int) or num_maps < 1:
             raise UserError(f"num_maps={num_maps!r} is invalid; a map store needs at least one map")
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-            raise UserError(f"shard_size={shard_size!r} is invalid; use an int >= 1 (default 256)")
+            raise UserError(f"shard_size={shard_size!r} is invalid; use an int >= 1 (default {DEFAULT_SHARD_SIZE})")
         shape = [int(s) for s in map_shape]
         if len(shape) != 3 or min(shape) < 1:
             raise UserError(f"map_shape={tuple(map_shape)} is invalid; use (H, W, C) with positive sizes")
@@ -322,6 +325,33 @@ class MapStore:
         return out
 
 
+def check_fits(store: MapStore, images: torch.Tensor) -> tuple[int, int, int, int]:
+    """(N, C, H, W) of ``images``; UserError unless they are the store's N images of its shape."""
+    check_images(images)
+    n, c, h, w = images.shape
+    if n != store.num_maps or (h, w, c) != store.map_shape:
+        raise UserError(
+            f"images {tuple(images.shape)} do not fit map store {store.path} "
+            f"({store.num_maps} maps of H x W x C {store.map_shape}); use the data the store was made for"
+        )
+    return n, c, h, w
+
+
+def check_settings(store: MapStore, *, masker: str | None, max_evals: int, batch_size: int,
+                   seed: int, image_size: tuple[int, int]) -> dict[str, Any]:
+    """The explainer settings, checked against the store's meta (UserError on a difference)."""
+    h, w = image_size
+    settings = {"masker": masker or default_masker(h, w), "max_evals": max_evals,
+                "batch_size": batch_size, "seed": seed}
+    for key, value in settings.items():
+        if key in store.meta and store.meta[key] != value:
+            raise UserError(
+                f"map store {store.path} was made with {key}={store.meta[key]!r}, not {key}={value!r}; "
+                "use the store's settings or another directory"
+            )
+    return settings
+
+
 def compute_store(
     store: MapStore,
     model: torch.nn.Module,
@@ -342,29 +372,14 @@ def compute_store(
     ``images``/``labels`` are what ``meta['data_fingerprint']`` names and ``model`` what
     ``meta['checkpoint_hash']`` names. ``torch_threads`` as in :func:`explain_true_class`.
     """
-    check_images(images)
-    n, c, h, w = images.shape
-    if n != store.num_maps or (h, w, c) != store.map_shape:
-        raise UserError(
-            f"images {tuple(images.shape)} do not fit map store {store.path} "
-            f"({store.num_maps} maps of H x W x C {store.map_shape}); use the data the store was made for"
-        )
+    n, c, h, w = check_fits(store, images)
     y = labels_array(labels, n)
-    masker = masker or default_masker(h, w)
-    settings = {"masker": masker, "max_evals": max_evals, "batch_size": batch_size, "seed": seed}
-    for key, value in settings.items():
-        if key in store.meta and store.meta[key] != value:
-            raise UserError(
-                f"map store {store.path} was made with {key}={store.meta[key]!r}, not {key}={value!r}; "
-                "use the store's settings or another directory"
-            )
+    settings = check_settings(store, masker=masker, max_evals=max_evals, batch_size=batch_size,
+                              seed=seed, image_size=(h, w))
     missing = store.missing_shards(verify=True)
     if not missing:
         return store
-    ex = TrueClassExplainer(
-        model, (c, h, w), max_evals=max_evals, masker=masker, batch_size=batch_size,
-        dtype=images.dtype, seed=seed,
-    )
+    ex = TrueClassExplainer(model, (c, h, w), dtype=images.dtype, **settings)
     hwc = to_hwc(images)
     total = sum(b - a for a, b in map(store.shard_range, missing))
     bar = tqdm(total=total, unit="map", desc="SHAP maps", disable=not progress, dynamic_ncols=True)

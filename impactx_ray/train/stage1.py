@@ -10,14 +10,17 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from impactx_ray.config import RunConfig
+from impactx_ray.errors import UserError
 from impactx_ray.data import ImageData
 from impactx_ray.models import Backbone, create_backbone, default_pretrained
+from impactx_ray.train.checkpoint import check_meta, load_checkpoint
 from impactx_ray.train.loop import (accuracy, check_finite, eval_mode, index_batches, num_batches,
                                     seed_everything)
 
@@ -37,6 +40,24 @@ def build_backbone(cfg: RunConfig, num_classes: int) -> Backbone:
     pretrained = default_pretrained(cfg.model) if cfg.pretrained is None else cfg.pretrained
     return create_backbone(cfg.model, num_classes, pretrained=pretrained, weights=cfg.weights,
                            input_size=cfg.input_size)
+
+
+def load_backbone(path: str | Path, *, model: str, num_classes: int,
+                  input_size: int | None = None) -> Backbone:
+    """A stage-1 checkpoint as a ready model; UserError if it is unreadable or of another model.
+
+    Module-level and argument-only so that Ray can ship it to map workers, each of which loads
+    the checkpoint once.
+    """
+    state, meta = load_checkpoint(path)
+    check_meta(path, meta, {"kind": "stage1", "model": model, "num_classes": num_classes})
+    backbone = create_backbone(model, num_classes, pretrained=False, input_size=input_size)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit a {model}: "
+                        f"{str(e).splitlines()[0][:160]}") from None
+    return backbone.eval()
 
 
 def train_stage1(cfg: RunConfig, train: ImageData, train_idx: torch.Tensor, val_idx: torch.Tensor,

@@ -1,0 +1,153 @@
+"""SHAP map generation over Ray actors: parallel, resumable, fault tolerant.
+
+How the work flows:
+
+* The driver puts the images (N×H×W×C) and labels in the object store once. Every actor gets
+  them by reference, builds the model once (``build_model`` loads the checkpoint) and then
+  computes whole shards on request: a task carries only ``(shard, start, stop)``.
+* Each result comes back with its shard index and is written to the ``MapStore`` by the driver
+  as soon as it arrives, so the driver never holds more than the shards in flight, and a killed
+  run keeps every shard it finished (a rerun computes only the missing ones). The driver writes,
+  so the store needs to be reachable from the driver only; on a cluster it may be shared storage.
+* A worker process that dies is restarted by Ray (``max_restarts``) and its in-flight shard is
+  retried (``max_task_retries``); a worker that is gone for good has its shard queued again for
+  the others. Maps are deterministic per image (shap's tie-breaking RNG is seeded per image), so
+  N workers give the same maps as one.
+
+Ray stays here: the model, explainer and store are plain PyTorch/NumPy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from tqdm.auto import tqdm
+
+from impactx_ray.errors import UserError
+from impactx_ray.explain.shap_maps import TrueClassExplainer, labels_array, to_hwc
+from impactx_ray.explain.store import MapStore, check_fits, check_settings
+
+ModelBuilder = Callable[[], torch.nn.Module]
+
+
+def init_ray() -> None:
+    """Plain ``ray.init()``: attaches to ``RAY_ADDRESS`` when set, else starts a local Ray."""
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING", log_to_driver=False)
+
+
+def default_gpus_per_worker() -> float:
+    """One GPU per worker when the cluster has GPUs (the driver's machine may have none)."""
+    init_ray()
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+class MapWorker:
+    """One Ray actor: a model loaded once and a reusable shap explainer; computes whole shards."""
+
+    def __init__(self, build_model: ModelBuilder, images: np.ndarray, labels: np.ndarray,
+                 settings: dict[str, Any], torch_threads: int = 1) -> None:
+        torch.set_num_threads(torch_threads)  # parallelism comes from actors, not intra-op threads
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_model().to(device).eval()
+        self.images, self.labels = images, labels  # N×H×W×C float32 (read-only, shared memory)
+        h, w, c = images.shape[1:]
+        self.explainer = TrueClassExplainer(self.model, (c, h, w), **settings)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def explain_shard(self, shard: int, start: int, stop: int) -> tuple[int, np.ndarray]:
+        """Maps of samples [start, stop), returned with their shard index."""
+        maps = np.empty((stop - start, *self.images.shape[1:]), dtype=np.float32)
+        with torch.no_grad():
+            for j in range(start, stop):
+                maps[j - start] = self.explainer.explain(self.images[j], int(self.labels[j]))
+        return shard, maps
+
+
+def compute_store_ray(store: MapStore, build_model: ModelBuilder, images: torch.Tensor,
+                      labels: torch.Tensor | np.ndarray | Sequence[int], *, workers: int,
+                      max_evals: int, masker: str | None, batch_size: int, seed: int = 0,
+                      gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
+                      torch_threads: int = 1, max_restarts: int = 3, progress: bool = True,
+                      on_shard: Callable[[int], None] | None = None) -> MapStore:
+    """Compute the store's missing shards on ``workers`` Ray actors; the Ray twin of
+    ``compute_store``, with the same maps. ``gpus_per_worker`` None: 1 when the cluster has GPUs,
+    else 0 (CPU workers). ``on_shard(i)`` is called after shard ``i`` is written.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
+    n, c, h, w = check_fits(store, images)
+    y = labels_array(labels, n)
+    settings = check_settings(store, masker=masker, max_evals=max_evals, batch_size=batch_size,
+                              seed=seed, image_size=(h, w))
+    missing = store.missing_shards(verify=True)
+    if not missing:
+        return store
+    hwc = to_hwc(images)
+    # Validate labels against the model's classes here, where the error can be a clean one-liner.
+    TrueClassExplainer(build_model().eval(), (c, h, w), **settings).check_labels(hwc, y)
+
+    init_ray()
+    if gpus_per_worker is None:
+        gpus_per_worker = default_gpus_per_worker()
+    images_ref, labels_ref = ray.put(hwc), ray.put(y)
+    actor_cls = ray.remote(MapWorker)
+    actors = [actor_cls.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                                max_restarts=max_restarts, max_task_retries=max_restarts)
+              .remote(build_model, images_ref, labels_ref, settings, torch_threads)
+              for _ in range(min(workers, len(missing)))]
+    queue = deque(missing)
+    in_flight: dict[ray.ObjectRef, tuple[Any, int]] = {}
+
+    def submit(actor: Any) -> None:
+        if queue:
+            i = queue.popleft()
+            start, stop = store.shard_range(i)
+            in_flight[actor.explain_shard.remote(i, start, stop)] = (actor, i)
+
+    def refill() -> None:
+        """Keep two shards in flight per live actor, so none idles while the driver writes."""
+        for actor in actors:
+            busy = sum(a is actor for a, _ in in_flight.values())
+            for _ in range(2 - busy):
+                submit(actor)
+
+    total = sum(b - a for a, b in map(store.shard_range, missing))
+    bar = tqdm(total=total, unit="map", desc=f"SHAP maps ({len(actors)} workers)",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        refill()
+        while in_flight:
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            actor, i = in_flight.pop(ref)
+            try:
+                shard, maps = ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                # Out of restarts: its shard goes back to the queue for the others.
+                queue.appendleft(i)
+                actors = [a for a in actors if a is not actor]
+                if not actors:
+                    cause = str(err).strip().splitlines()[0][:300]
+                    raise RuntimeError(f"every map worker died (last: {cause}); finished shards "
+                                       "are kept, rerun to resume") from err
+                refill()
+                continue
+            store.write_shard(shard, maps)
+            bar.update(len(maps))
+            if on_shard is not None:
+                on_shard(shard)
+            refill()
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return store

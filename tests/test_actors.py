@@ -1,0 +1,132 @@
+"""SHAP maps over Ray actors: same maps as one process, survives a killed worker, resumes."""
+
+import os
+import signal
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from impactx_ray.errors import UserError
+from impactx_ray.explain import MapStore, compute_store, load_maps, make_meta
+from impactx_ray.models import create_backbone
+
+pytestmark = pytest.mark.slow
+
+N, SHARD = 24, 4
+SETTINGS = {"max_evals": 60, "masker": "blur(8,8)", "batch_size": 20, "seed": 0}
+
+
+def build_model(pid_dir: str | None = None, driver_pid: int | None = None) -> torch.nn.Module:
+    """A fixed LeNet-5; in a worker process it leaves a pid file so a test can kill it."""
+    torch.manual_seed(0)
+    model = create_backbone("lenet5", 10).eval()
+    if pid_dir is not None and os.getpid() != driver_pid:
+        Path(pid_dir, f"{os.getpid()}.pid").touch()
+    return model
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    # Workers unpickle this module's build_model by reference: let them import it.
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(digits):
+    train, _ = digits
+    return train.float_images(torch.arange(N)), train.labels[:N]
+
+
+def new_store(path, images, labels):
+    meta = make_meta(checkpoint_hash="c" * 64, data_fingerprint="d" * 64, **SETTINGS)
+    return MapStore.create_or_open(path, meta=meta, num_maps=N, map_shape=(32, 32, 3),
+                                   shard_size=SHARD)
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory):
+    """Maps computed by one plain process."""
+    images, labels = inputs
+    store = new_store(tmp_path_factory.mktemp("ref") / "maps", images, labels)
+    compute_store(store, build_model(), images, labels, progress=False, **SETTINGS)
+    return store.load()
+
+
+def run_ray(store, inputs, workers=2, **kw):
+    from impactx_ray.explain.actors import compute_store_ray
+
+    images, labels = inputs
+    return compute_store_ray(store, kw.pop("build", build_model), images, labels,
+                             workers=workers, progress=False, **SETTINGS, **kw)
+
+
+def test_two_workers_equal_one_process_despite_a_killed_worker(ray_local, inputs, reference,
+                                                               tmp_path):
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    build = partial(build_model, str(pid_dir), os.getpid())
+    killed = []
+
+    def kill_one_worker(shard):
+        if not killed:  # after the first finished shard, SIGKILL a worker process mid-run
+            pid = int(sorted(pid_dir.glob("*.pid"))[0].stem)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    store = new_store(tmp_path / "maps", *inputs)
+    run_ray(store, inputs, build=build, on_shard=kill_one_worker)
+    assert killed, "the test never killed a worker"
+    assert len(list(pid_dir.glob("*.pid"))) >= 3, "the killed worker was not replaced"
+    assert store.is_complete()
+    maps = load_maps(store.path)
+    assert maps.shape == (N, 32, 32, 3)
+    np.testing.assert_allclose(maps, reference, rtol=0, atol=1e-6)
+
+
+def test_interrupted_run_resumes_without_recomputing(ray_local, inputs, reference, tmp_path):
+    store = new_store(tmp_path / "maps", *inputs)
+    first = []
+
+    def interrupt_after_two(shard):
+        first.append(shard)
+        if len(first) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_ray(store, inputs, on_shard=interrupt_after_two)
+    done = sorted(set(range(store.num_shards)) - set(store.missing_shards()))
+    assert done == sorted(first) and 0 < len(done) < store.num_shards
+    stamps = {i: (store.path / f"shard-{i:05d}.npy").stat().st_mtime_ns for i in done}
+
+    second = []
+    run_ray(store, inputs, on_shard=second.append)
+    assert sorted(second) == sorted(set(range(store.num_shards)) - set(done))
+    assert {i: (store.path / f"shard-{i:05d}.npy").stat().st_mtime_ns for i in done} == stamps
+    np.testing.assert_allclose(store.load(), reference, rtol=0, atol=1e-6)
+
+
+def test_truncated_shard_is_detected_and_recomputed(ray_local, inputs, reference, tmp_path):
+    store = new_store(tmp_path / "maps", *inputs)
+    run_ray(store, inputs)
+    shard = store.path / "shard-00003.npy"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match="3"):
+        load_maps(store.path)
+    redone = []
+    run_ray(store, inputs, on_shard=redone.append)
+    assert redone == [3]
+    np.testing.assert_allclose(load_maps(store.path), reference, rtol=0, atol=1e-6)
+
+
+def test_bad_worker_count(inputs, tmp_path):
+    store = new_store(tmp_path / "maps", *inputs)
+    with pytest.raises(UserError, match="--workers"):
+        run_ray(store, inputs, workers=0)
