@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,25 @@ def test_run_end_to_end_then_redo_steps(tmp_path, capsys):
     assert json.loads((out / "result.json").read_text())["hyperparameters"]["lam"] == 1.2
     state = torch.load(out / "stage2" / "model.pt", weights_only=True)
     assert state["meta"]["config"]["lam"] == 1.2
+
+
+@pytest.mark.slow
+def test_explain_on_ray_workers_equals_single_process(tmp_path, capsys):
+    import shutil
+
+    from impactx_ray.explain import load_maps
+
+    one = tmp_path / "one"
+    assert main(["run", "--out", str(one), *TINY, "--max-evals", "24"]) == 0
+    two = tmp_path / "two"
+    two.mkdir()
+    shutil.copy(one / "config.json", two / "config.json")
+    shutil.copytree(one / "stage1", two / "stage1")
+    try:
+        assert main(["explain", "--out", str(two), "--workers", "2", "--quiet"]) == 0
+    finally:
+        import ray
+
+        ray.shutdown()
+    assert np.array_equal(load_maps(two), load_maps(one))
+    assert main(["stage2", "--out", str(two), "--quiet"]) == 0

@@ -31,7 +31,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from tqdm.auto import tqdm
 
 from impactx_ray.errors import UserError
-from impactx_ray.explain.shap_maps import TrueClassExplainer, labels_array, to_hwc
+from impactx_ray.explain.shap_maps import (TrueClassExplainer, check_images, default_masker,
+                                           labels_array, to_hwc)
 from impactx_ray.explain.store import MapStore, check_fits, check_settings
 
 ModelBuilder = Callable[[], torch.nn.Module]
@@ -52,16 +53,21 @@ def default_gpus_per_worker() -> float:
 class MapWorker:
     """One Ray actor: a model loaded once and a reusable shap explainer; computes whole shards."""
 
-    def __init__(self, build_model: ModelBuilder, images: np.ndarray, labels: np.ndarray,
+    def __init__(self, build_model: ModelBuilder, data_refs: list[ray.ObjectRef],
                  settings: dict[str, Any], torch_threads: int = 1) -> None:
         torch.set_num_threads(torch_threads)  # parallelism comes from actors, not intra-op threads
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_model().to(device).eval()
-        self.images, self.labels = images, labels  # N×H×W×C float32 (read-only, shared memory)
-        h, w, c = images.shape[1:]
+        # N×H×W×C float32 images and N labels, read-only views of the object store's copy.
+        self.images, self.labels = ray.get(data_refs)
+        h, w, c = self.images.shape[1:]
         self.explainer = TrueClassExplainer(self.model, (c, h, w), **settings)
 
-    def pid(self) -> int:
+    def warm_up(self) -> int:
+        """Explain one image on a small budget, so shap's numba kernels are compiled; the pid."""
+        c = self.images.shape[-1]
+        TrueClassExplainer(self.model, (c, *self.images.shape[1:3]), max_evals=32,
+                           masker=self.explainer.masker).explain(self.images[0], 0)
         return os.getpid()
 
     def explain_shard(self, shard: int, start: int, stop: int) -> tuple[int, np.ndarray]:
@@ -73,81 +79,124 @@ class MapWorker:
         return shard, maps
 
 
+class MapPool:
+    """Ray actors holding one model and one image set, computing map shards on request.
+
+    Create it once (workers load the checkpoint and receive the images once), then ``compute``
+    any number of stores over the same images; ``close`` (or ``with``) releases the actors.
+    """
+
+    def __init__(self, build_model: ModelBuilder, images: torch.Tensor,
+                 labels: torch.Tensor | np.ndarray | Sequence[int], *, workers: int,
+                 max_evals: int, masker: str | None, batch_size: int, seed: int = 0,
+                 gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
+                 torch_threads: int = 1, max_restarts: int = 3) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
+        check_images(images)
+        n, c, h, w = images.shape
+        self.images_shape, self.labels = (n, c, h, w), labels_array(labels, n)
+        self.settings = {"masker": masker or default_masker(h, w), "max_evals": max_evals,
+                         "batch_size": batch_size, "seed": seed}
+        hwc = to_hwc(images)
+        # Validate the settings and labels here, where an error can be a clean one-liner.
+        explainer = TrueClassExplainer(build_model().eval(), (c, h, w), **self.settings)
+        explainer.check_labels(hwc, self.labels)
+
+        init_ray()
+        if gpus_per_worker is None:
+            gpus_per_worker = default_gpus_per_worker()
+        # Nested in a list, the refs reach the actors unresolved; the pool keeps them alive so a
+        # restarted actor can fetch them again.
+        self.data_refs = [ray.put(hwc), ray.put(self.labels)]
+        actor_cls = ray.remote(MapWorker).options(
+            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts,
+            max_task_retries=max_restarts)
+        self.actors = [actor_cls.remote(build_model, self.data_refs, self.settings, torch_threads)
+                       for _ in range(workers)]
+
+    def wait_ready(self) -> list[int]:
+        """Block until every worker has loaded its model and compiled shap's kernels; their pids."""
+        return ray.get([a.warm_up.remote() for a in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> MapPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def compute(self, store: MapStore, *, progress: bool = True,
+                on_shard: Callable[[int], None] | None = None) -> MapStore:
+        """Compute the store's missing shards, writing each as it arrives.
+
+        ``on_shard(i)`` is called after shard ``i`` is written (progress hooks, tests).
+        """
+        n, c, h, w = check_fits(store, torch.empty(self.images_shape))
+        check_settings(store, image_size=(h, w), **self.settings)
+        missing = store.missing_shards(verify=True)
+        queue = deque(missing)
+        in_flight: dict[ray.ObjectRef, tuple[Any, int]] = {}
+        actors = list(self.actors)
+
+        def refill() -> None:
+            """Keep two shards in flight per live actor, so none idles while the driver writes."""
+            for actor in actors:
+                for _ in range(2 - sum(a is actor for a, _ in in_flight.values())):
+                    if queue:
+                        i = queue.popleft()
+                        ref = actor.explain_shard.remote(i, *store.shard_range(i))
+                        in_flight[ref] = (actor, i)
+
+        total = sum(b - a for a, b in map(store.shard_range, missing))
+        with tqdm(total=total, unit="map", desc=f"SHAP maps ({len(actors)} workers)",
+                  disable=not progress or not missing, dynamic_ncols=True) as bar:
+            refill()
+            while in_flight:
+                (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+                actor, i = in_flight.pop(ref)
+                try:
+                    shard, maps = ray.get(ref)
+                except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                    # Out of restarts: its shard goes back to the queue for the others.
+                    queue.appendleft(i)
+                    actors = [a for a in actors if a is not actor]
+                    if not actors:
+                        cause = str(err).strip().splitlines()[0][:300]
+                        raise RuntimeError(f"every map worker died (last: {cause}); finished "
+                                           "shards are kept, rerun to resume") from err
+                    refill()
+                    continue
+                store.write_shard(shard, maps)
+                bar.update(len(maps))
+                if on_shard is not None:
+                    on_shard(shard)
+                refill()
+        return store
+
+
 def compute_store_ray(store: MapStore, build_model: ModelBuilder, images: torch.Tensor,
                       labels: torch.Tensor | np.ndarray | Sequence[int], *, workers: int,
-                      max_evals: int, masker: str | None, batch_size: int, seed: int = 0,
-                      gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
-                      torch_threads: int = 1, max_restarts: int = 3, progress: bool = True,
-                      on_shard: Callable[[int], None] | None = None) -> MapStore:
-    """Compute the store's missing shards on ``workers`` Ray actors; the Ray twin of
-    ``compute_store``, with the same maps. ``gpus_per_worker`` None: 1 when the cluster has GPUs,
-    else 0 (CPU workers). ``on_shard(i)`` is called after shard ``i`` is written.
+                      progress: bool = True, on_shard: Callable[[int], None] | None = None,
+                      **pool_options: Any) -> MapStore:
+    """Compute the store's missing shards on ``workers`` Ray actors: the Ray twin of
+    ``compute_store``, with the same maps. ``pool_options`` as for ``MapPool`` (max_evals,
+    masker, batch_size, seed, gpus_per_worker — None: 1 when the cluster has GPUs, else 0).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
-    n, c, h, w = check_fits(store, images)
-    y = labels_array(labels, n)
-    settings = check_settings(store, masker=masker, max_evals=max_evals, batch_size=batch_size,
-                              seed=seed, image_size=(h, w))
+    check_fits(store, images)
+    h, w = images.shape[-2:]
+    check_settings(store, image_size=(h, w), **{k: pool_options.get(k) for k in
+                                                ("masker", "max_evals", "batch_size")},
+                   seed=pool_options.get("seed", 0))
     missing = store.missing_shards(verify=True)
     if not missing:
         return store
-    hwc = to_hwc(images)
-    # Validate labels against the model's classes here, where the error can be a clean one-liner.
-    TrueClassExplainer(build_model().eval(), (c, h, w), **settings).check_labels(hwc, y)
-
-    init_ray()
-    if gpus_per_worker is None:
-        gpus_per_worker = default_gpus_per_worker()
-    images_ref, labels_ref = ray.put(hwc), ray.put(y)
-    actor_cls = ray.remote(MapWorker)
-    actors = [actor_cls.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                                max_restarts=max_restarts, max_task_retries=max_restarts)
-              .remote(build_model, images_ref, labels_ref, settings, torch_threads)
-              for _ in range(min(workers, len(missing)))]
-    queue = deque(missing)
-    in_flight: dict[ray.ObjectRef, tuple[Any, int]] = {}
-
-    def submit(actor: Any) -> None:
-        if queue:
-            i = queue.popleft()
-            start, stop = store.shard_range(i)
-            in_flight[actor.explain_shard.remote(i, start, stop)] = (actor, i)
-
-    def refill() -> None:
-        """Keep two shards in flight per live actor, so none idles while the driver writes."""
-        for actor in actors:
-            busy = sum(a is actor for a, _ in in_flight.values())
-            for _ in range(2 - busy):
-                submit(actor)
-
-    total = sum(b - a for a, b in map(store.shard_range, missing))
-    bar = tqdm(total=total, unit="map", desc=f"SHAP maps ({len(actors)} workers)",
-               disable=not progress, dynamic_ncols=True)
-    try:
-        refill()
-        while in_flight:
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            actor, i = in_flight.pop(ref)
-            try:
-                shard, maps = ray.get(ref)
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-                # Out of restarts: its shard goes back to the queue for the others.
-                queue.appendleft(i)
-                actors = [a for a in actors if a is not actor]
-                if not actors:
-                    cause = str(err).strip().splitlines()[0][:300]
-                    raise RuntimeError(f"every map worker died (last: {cause}); finished shards "
-                                       "are kept, rerun to resume") from err
-                refill()
-                continue
-            store.write_shard(shard, maps)
-            bar.update(len(maps))
-            if on_shard is not None:
-                on_shard(shard)
-            refill()
-    finally:
-        bar.close()
-        for actor in actors:
-            ray.kill(actor)
-    return store
+    with MapPool(build_model, images, labels, workers=min(workers, len(missing)),
+                 **pool_options) as pool:
+        return pool.compute(store, progress=progress, on_shard=on_shard)
