@@ -34,9 +34,10 @@ from impactx_ray.errors import UserError
 from impactx_ray.explain import (MapStore, compute_store, default_masker, file_sha256, make_meta,
                                  validate_masker)
 from impactx_ray.models import Backbone, ImpactX
-from impactx_ray.train import build_backbone, train_stage1, train_stage2
+from impactx_ray.train import train_stage1, train_stage2
 from impactx_ray.train.stage1 import load_backbone
-from impactx_ray.train.checkpoint import check_meta, load_checkpoint, save_checkpoint
+from impactx_ray.train.stage2 import load_impactx
+from impactx_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from impactx_ray.train.loop import accuracy, eval_mode, resolve_device
 
 
@@ -251,18 +252,7 @@ class Run:
                 == self.cfg.subset(STAGE1_KEYS + EXPLAIN_KEYS + STAGE2_KEYS))
 
     def load_stage2(self) -> ImpactX:
-        state, meta = load_checkpoint(self.dir.stage2)
-        check_meta(self.dir.stage2, meta, {"kind": "stage2", "model": self.cfg.model,
-                                           "num_classes": self.train_data.num_classes})
-        backbone = build_backbone(self.cfg.replace(pretrained=False, weights=None),
-                                  self.train_data.num_classes)
-        model = ImpactX.from_backbone(backbone, image_size=tuple(meta["image_size"]),
-                                      channels=meta["channels"])
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {self.dir.stage2} does not fit IMPACTX on "
-                            f"{self.cfg.model}: {str(e).splitlines()[0][:160]}") from None
+        model = load_impactx(self.dir.stage2, **self.backbone_spec())
         return model.to(self.device).eval()
 
     # -- evaluation -------------------------------------------------------------------------------

@@ -53,25 +53,39 @@ def default_gpus_per_worker() -> float:
 class MapWorker:
     """One Ray actor: a model loaded once and a reusable shap explainer; computes whole shards."""
 
-    def __init__(self, build_model: ModelBuilder, data_refs: list[ray.ObjectRef],
-                 settings: dict[str, Any], torch_threads: int = 1) -> None:
+    def __init__(self, build_model: ModelBuilder, settings: dict[str, Any],
+                 torch_threads: int = 1) -> None:
         torch.set_num_threads(torch_threads)  # parallelism comes from actors, not intra-op threads
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_model().to(device).eval()
-        # N×H×W×C float32 images and N labels, read-only views of the object store's copy.
-        self.images, self.labels = ray.get(data_refs)
-        h, w, c = self.images.shape[1:]
-        self.explainer = TrueClassExplainer(self.model, (c, h, w), **settings)
+        self.settings = settings
+        self.images: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.explainer: TrueClassExplainer | None = None
 
-    def warm_up(self) -> int:
+    def _data(self, data_refs: list[ray.ObjectRef]) -> None:
+        """Fetch the images and labels once (lazily: a restarted actor fetches them again).
+
+        The refs travel inside a list, so Ray hands them over unresolved and the actor gets
+        read-only zero-copy views of the object store's copy (N×H×W×C float32 and N labels).
+        """
+        if self.images is None:
+            self.images, self.labels = ray.get(data_refs)
+            h, w, c = self.images.shape[1:]
+            self.explainer = TrueClassExplainer(self.model, (c, h, w), **self.settings)
+
+    def warm_up(self, data_refs: list[ray.ObjectRef]) -> int:
         """Explain one image on a small budget, so shap's numba kernels are compiled; the pid."""
+        self._data(data_refs)
         c = self.images.shape[-1]
         TrueClassExplainer(self.model, (c, *self.images.shape[1:3]), max_evals=32,
                            masker=self.explainer.masker).explain(self.images[0], 0)
         return os.getpid()
 
-    def explain_shard(self, shard: int, start: int, stop: int) -> tuple[int, np.ndarray]:
+    def explain_shard(self, shard: int, start: int, stop: int,
+                      data_refs: list[ray.ObjectRef]) -> tuple[int, np.ndarray]:
         """Maps of samples [start, stop), returned with their shard index."""
+        self._data(data_refs)
         maps = np.empty((stop - start, *self.images.shape[1:]), dtype=np.float32)
         with torch.no_grad():
             for j in range(start, stop):
@@ -106,18 +120,18 @@ class MapPool:
         init_ray()
         if gpus_per_worker is None:
             gpus_per_worker = default_gpus_per_worker()
-        # Nested in a list, the refs reach the actors unresolved; the pool keeps them alive so a
-        # restarted actor can fetch them again.
+        # Put once; every task carries these refs (not the data), and the pool keeps them alive
+        # so that a restarted actor can fetch them again.
         self.data_refs = [ray.put(hwc), ray.put(self.labels)]
         actor_cls = ray.remote(MapWorker).options(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts,
             max_task_retries=max_restarts)
-        self.actors = [actor_cls.remote(build_model, self.data_refs, self.settings, torch_threads)
+        self.actors = [actor_cls.remote(build_model, self.settings, torch_threads)
                        for _ in range(workers)]
 
     def wait_ready(self) -> list[int]:
         """Block until every worker has loaded its model and compiled shap's kernels; their pids."""
-        return ray.get([a.warm_up.remote() for a in self.actors])
+        return ray.get([a.warm_up.remote(self.data_refs) for a in self.actors])
 
     def close(self) -> None:
         for actor in self.actors:
@@ -149,7 +163,7 @@ class MapPool:
                 for _ in range(2 - sum(a is actor for a, _ in in_flight.values())):
                     if queue:
                         i = queue.popleft()
-                        ref = actor.explain_shard.remote(i, *store.shard_range(i))
+                        ref = actor.explain_shard.remote(i, *store.shard_range(i), self.data_refs)
                         in_flight[ref] = (actor, i)
 
         total = sum(b - a for a, b in map(store.shard_range, missing))

@@ -33,3 +33,9 @@ __all__ = [
     "list_backbones",
     "register_backbone",
 ]
+
+# Comparison methods (paper §5): ABN (Fukui et al. 2019) and WAE (Apicella et al. 2023).
+from impactx_ray.models.abn import ABN, ATTACH_POINTS, abn_loss, create_abn  # noqa: E402
+from impactx_ray.models.wae import WAE, class_mean_maps  # noqa: E402
+
+__all__ += ["ABN", "ATTACH_POINTS", "WAE", "abn_loss", "class_mean_maps", "create_abn"]

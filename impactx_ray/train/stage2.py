@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +16,9 @@ from tqdm.auto import tqdm
 
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData
-from impactx_ray.models import Backbone, ImpactX
+from impactx_ray.errors import UserError
+from impactx_ray.models import Backbone, ImpactX, create_backbone
+from impactx_ray.train.checkpoint import check_meta, load_checkpoint
 from impactx_ray.train.loop import (accuracy, check_finite, eval_mode, index_batches, num_batches,
                                     seed_everything)
 from impactx_ray.train.losses import impactx_loss, scale_maps
@@ -38,6 +41,22 @@ def map_mse(model: ImpactX, data: ImageData, targets: torch.Tensor, indices: tor
         _, pred = model(data.float_images(idx).to(device))
         total += ((pred - targets[idx].to(device)) ** 2).mean(dim=(1, 2, 3)).sum().item()
     return total / max(len(indices), 1)
+
+
+def load_impactx(path: str | Path, *, model: str, num_classes: int,
+                 input_size: int | None = None) -> ImpactX:
+    """A stage-2 checkpoint as a ready IMPACTX model; UserError if unreadable or of another model."""
+    state, meta = load_checkpoint(path)
+    check_meta(path, meta, {"kind": "stage2", "model": model, "num_classes": num_classes})
+    backbone = create_backbone(model, num_classes, pretrained=False, input_size=input_size)
+    impactx = ImpactX.from_backbone(backbone, image_size=tuple(meta["image_size"]),
+                                    channels=meta["channels"])
+    try:
+        impactx.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit IMPACTX on {model}: "
+                        f"{str(e).splitlines()[0][:160]}") from None
+    return impactx.eval()
 
 
 def train_stage2(cfg: RunConfig, backbone: Backbone, train: ImageData, maps: np.ndarray,

@@ -1,0 +1,324 @@
+"""shap's Partition explainer, run for many images in lockstep: same maps, far less overhead.
+
+``shap.PartitionExplainer`` explains one image at a time and spends most of its time outside the
+model: building each mask from a scipy sparse row, masking one image per Python call, and NumPy
+scalar work per queue node (DESIGN.md, "shap facts measured here"). This module replays shap's
+``PartitionExplainer.owen`` (the method ``explain_row`` calls; ``fixed_context=None``) exactly:
+
+* the partition tree is ``shap.maskers.Image(masker, shape=(H, W, C)).clustering``;
+* every image keeps its own priority queue, keyed ``(priority, tie-breaker)`` like shap's, and pops
+  up to ``batch_size`` masks per step under the same ``max_evals - 2`` budget, so it expands the
+  same nodes in the same order with the same weights;
+* shap's tie-breaker is ``np.random.randn()`` from the global generator, drawn four times per
+  expanded node in a fixed order. The caller seeds it per image (``np.random.seed(seed)``), so each
+  image here owns a ``RandomState(seed)`` and draws the same numbers in the same order;
+* the values are accumulated in float64 with the same operations in the same order, and credit is
+  lowered to the leaves as shap's ``lower_credit`` does (vectorised over images, level by level).
+
+What changes is only *how* the work is done: the masks of all images in one step are built as
+dense boolean tensors from the tree nodes' boxes (every node of shap's image tree is an
+axis-aligned box of the H x W x C feature grid), the blur masking is a vectorised ``where`` on the
+model's device, and all masked images go through the model in chunks of ``forward_batch``.
+
+Only ``blur(kx,ky)`` maskers are supported: the blurred image is computed once per image with
+``cv2.blur`` exactly as shap's masker does, so masked inputs are bit-identical to shap's. Maps then
+equal shap's up to the model's own floating-point non-determinism across batch sizes (some CPU
+kernels round differently for a batch of 1 than for 100, and shap evaluates f(x) and f(blurred x)
+one image at a time).
+
+Plain NumPy/PyTorch (+ shap's tree, cv2's blur); no Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import shap
+import torch
+from tqdm import tqdm
+
+#: A forward function: masked images N x H x W x C (a tensor on the model's device) -> N x K logits.
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PartitionTree:
+    """shap's image partition tree as flat arrays over its 2M-1 node ids (leaves are 0..M-1).
+
+    A leaf id is the flat (H, W, C) index of its feature, exactly as shap's masks index features.
+    """
+
+    hwc: tuple[int, int, int]
+    m: int  # number of features, H*W*C
+    left: np.ndarray  # (2M-1,) int64, -1 for leaves
+    right: np.ndarray  # (2M-1,) int64, -1 for leaves
+    expand: np.ndarray  # (2M-1,) bool: split when popped (shap: id >= M and distance >= 0)
+    size: np.ndarray  # (2M-1,) int64: features under the node
+    box: np.ndarray  # (2M-1, 6) int64: h0, h1, w0, w1, c0, c1 (half-open) of the node's features
+    levels: tuple[np.ndarray, ...]  # internal node ids by depth from the root, for lower_credit
+
+    @property
+    def root(self) -> int:
+        return 2 * self.m - 2
+
+
+@functools.lru_cache(maxsize=8)
+def partition_tree(hwc: tuple[int, int, int]) -> PartitionTree:
+    """The tree shap's Image masker builds for images of shape ``hwc`` (the masker string does not
+    change it), with each node's box; asserts that every node really is a full box."""
+    h, w, c = hwc
+    clustering = shap.maskers.Image("blur(1,1)", shape=hwc).clustering  # (M-1) x 4: left, right, dist, size
+    m = h * w * c
+    n = 2 * m - 1
+    left = np.full(n, -1, dtype=np.int64)
+    right = np.full(n, -1, dtype=np.int64)
+    left[m:] = clustering[:, 0].astype(np.int64)
+    right[m:] = clustering[:, 1].astype(np.int64)
+    expand = np.zeros(n, dtype=bool)
+    expand[m:] = clustering[:, 2] >= 0
+    size = np.ones(n, dtype=np.int64)
+    size[m:] = clustering[:, 3].astype(np.int64)
+
+    levels, frontier = [], np.array([n - 1])  # the root is node 2M-2
+    while len(frontier):
+        frontier = frontier[frontier >= m]
+        if len(frontier):
+            levels.append(frontier)
+        frontier = np.concatenate([left[frontier], right[frontier]])
+
+    box = np.empty((n, 6), dtype=np.int64)
+    hh, ww, cc = np.unravel_index(np.arange(m), (h, w, c))  # leaf j is flat feature j
+    box[:m] = np.stack([hh, hh + 1, ww, ww + 1, cc, cc + 1], axis=1)
+    for p in reversed(levels):  # bottom-up: a node's box bounds its children's
+        lb, rb = box[left[p]], box[right[p]]  # (k, 6) each
+        box[p, 0::2] = np.minimum(lb[:, 0::2], rb[:, 0::2])
+        box[p, 1::2] = np.maximum(lb[:, 1::2], rb[:, 1::2])
+    extent = box[:, 1::2] - box[:, 0::2]  # (2M-1, 3)
+    if not np.array_equal(extent.prod(axis=1), size):
+        raise AssertionError("shap's image partition tree has a node that is not a box; update batched.py")
+    return PartitionTree((h, w, c), m, left, right, expand, size, box, tuple(levels))
+
+
+def blur_kernel(masker: str) -> tuple[int, int]:
+    """``(kx, ky)`` of a ``blur(kx,ky)`` masker string, parsed as shap parses it."""
+    return tuple(map(int, masker[5:-1].split(",")))  # type: ignore[return-value]
+
+
+def blurred(images_hwc: np.ndarray, masker: str) -> np.ndarray:
+    """Each image's fully masked version, computed exactly as shap's Image masker computes it."""
+    kernel = blur_kernel(masker)
+    out = np.empty_like(images_hwc)
+    for i, x in enumerate(images_hwc):
+        out[i] = cv2.blur(np.ascontiguousarray(x), kernel).reshape(x.shape)  # cv2 drops a C=1 axis
+    return out
+
+
+def lower_credit(dvalues: np.ndarray, tree: PartitionTree) -> np.ndarray:
+    """shap's ``lower_credit`` from the root for a batch of N x (2M-1) node values -> N x M.
+
+    Each node passes its value times (child size / own size) to each child, top-down; the same
+    float64 operations in the same order as shap's numba recursion, one tree level at a time.
+    """
+    v = dvalues.copy()
+    for p in tree.levels:
+        for child in (tree.left[p], tree.right[p]):
+            v[:, child] += v[:, p] * tree.size[child] / tree.size[p]
+    return v[:, : tree.m]
+
+
+class _Owen:
+    """One image's state in shap's ``owen`` loop: its heap, tie-breaker RNG, values and budget.
+
+    Heap items are ``(priority, tie, ctx_row, f00, f11, node, weight)``: shap's
+    ``(priority, randn, (m00, f00, f11, ind, weight))`` with the context mask m00 kept as a row of
+    the image's mask arena. Keys are unique (random ties), so any heap pops in shap's order.
+    """
+
+    __slots__ = ("dv", "heap", "rng", "evals", "budget", "tasks")
+
+    def __init__(self, f00: float, f11: float, root: int, budget: int, seed: int, num_nodes: int) -> None:
+        self.dv = [0.0] * num_nodes
+        self.heap = [(0, 0, 0, f00, f11, root, 1.0)]  # arena row 0 is the all-False mask
+        self.rng = np.random.RandomState(seed)
+        self.evals, self.budget = 0, budget
+        self.tasks: list[tuple] = []
+
+    def select(self, batch_size: int, expand: np.ndarray) -> bool:
+        """Pop this step's nodes as shap does; False once the image is finished.
+
+        shap pops while ``len(masks) < batch_size and evals + len(masks) < budget``, two masks per
+        expanded node; a popped leaf only adds its value. Past the budget, every queued node adds
+        ``(f11 - f00) * weight`` to its own value and the recursion ends.
+        """
+        heap, dv, pop = self.heap, self.dv, heapq.heappop
+        self.tasks = []
+        if not heap:
+            return False
+        if self.evals >= self.budget:
+            while heap:
+                _, _, _, f00, f11, ind, w = pop(heap)
+                dv[ind] += (f11 - f00) * w
+            return False
+        limit = min(-(-batch_size // 2), -(-(self.budget - self.evals) // 2))  # ceil divisions
+        while heap and len(self.tasks) < limit:
+            item = pop(heap)
+            if expand[item[5]]:
+                self.tasks.append(item)
+            else:
+                dv[item[5]] += (item[4] - item[3]) * item[6]
+        return bool(self.tasks) or bool(heap)
+
+    def update(self, fout: list[float], left: np.ndarray, right: np.ndarray) -> None:
+        """Push the children of this step's nodes, given f10, f01 per node (interleaved in ``fout``).
+
+        Same arithmetic and the same four ``randn`` draws per node, in shap's order.
+        """
+        heap, dv, push = self.heap, self.dv, heapq.heappush
+        ties = self.rng.randn(4 * len(self.tasks)).tolist()  # == 4 * k scalar randn() calls
+        row = self.evals + 1  # arena rows of this step's masks: m10, m01 per node
+        for j, (_, _, ctx, f00, f11, ind, w) in enumerate(self.tasks):
+            f10, f01 = fout[2 * j], fout[2 * j + 1]
+            lind, rind = int(left[ind]), int(right[ind])
+            r10, r01 = row + 2 * j, row + 2 * j + 1
+            nw = w / 2
+            d = (f11 - f10 - f01 + f00) * w
+            dv[ind] += d
+            push(heap, (-abs(f10 - f00) * nw, ties[4 * j], ctx, f00, f10, lind, nw))
+            push(heap, (-abs(f01 - f00) * nw, ties[4 * j + 1], ctx, f00, f01, rind, nw))
+            dv[ind] -= d
+            push(heap, (-abs(f11 - f01) * nw, ties[4 * j + 2], r01, f01, f11, lind, nw))
+            push(heap, (-abs(f11 - f10) * nw, ties[4 * j + 3], r10, f10, f11, rind, nw))
+        self.evals += 2 * len(self.tasks)
+
+
+class BatchedPartition:
+    """shap's Partition explainer (blur masker, ``fixed_context=None``) for many images at once.
+
+    ``forward`` maps masked images N x H x W x C (on ``device``) to N x K logits; the map explains
+    logit ``label`` of each image. ``forward_seconds``/``forward_images`` accumulate the time spent
+    in (and the images through) ``forward``, for benchmarks.
+    """
+
+    def __init__(
+        self,
+        forward: Forward,
+        hwc: tuple[int, int, int],
+        *,
+        masker: str,
+        max_evals: int,
+        batch_size: int,
+        seed: int = 0,
+        forward_batch: int = 4096,
+        device: torch.device | str = "cpu",
+        max_mask_bytes: int = 1 << 30,
+    ) -> None:
+        if forward_batch < 1:
+            raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
+        self.forward, self.masker, self.tree = forward, masker, partition_tree(tuple(hwc))
+        self.max_evals, self.batch_size, self.seed = int(max_evals), int(batch_size), int(seed)
+        self.forward_batch, self.device = int(forward_batch), torch.device(device)
+        # Every evaluated mask may become a context later: one arena row per evaluation and image.
+        self.rows = max(self.max_evals, 2) + 1
+        self.images_in_flight = max(1, max_mask_bytes // (self.rows * self.tree.m))
+        self.forward_seconds, self.forward_images = 0.0, 0
+        box = torch.as_tensor(self.tree.box, device=self.device)  # (2M-1, 6)
+        self._box = box
+        h, w, c = self.tree.hwc
+        self._ar = [torch.arange(s, device=self.device) for s in (h, w, c)]
+
+    def explain(self, images_hwc: np.ndarray, labels: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Maps N x H x W x C (float32) of logit ``labels[i]`` of each image N x H x W x C."""
+        n = len(images_hwc)
+        out = np.empty((n, *self.tree.hwc), dtype=np.float32)
+        with tqdm(total=n, unit="map", desc="SHAP maps", disable=not progress, dynamic_ncols=True) as bar:
+            for a in range(0, n, self.images_in_flight):
+                b = min(n, a + self.images_in_flight)
+                out[a:b] = self._explain_group(images_hwc[a:b], np.asarray(labels[a:b]))
+                bar.update(b - a)
+        return out
+
+    def _logits(self, x_nhwc: torch.Tensor, labels: torch.Tensor) -> list[float]:
+        """``forward`` on one chunk; each row's logit ``labels[row]`` as Python floats (float64,
+        as shap's MaskedModel converts the model's float32 outputs)."""
+        start = time.perf_counter()
+        out = self.forward(x_nhwc)
+        picked = out[torch.arange(len(out), device=out.device), labels].cpu()  # syncs a GPU
+        self.forward_seconds += time.perf_counter() - start
+        self.forward_images += len(x_nhwc)
+        return picked.tolist()
+
+    def _explain_group(self, images_hwc: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        tree, dev, n = self.tree, self.device, len(images_hwc)
+        h, w, c = tree.hwc
+        x = torch.as_tensor(np.ascontiguousarray(images_hwc), device=dev)  # n x H x W x C
+        xb = torch.as_tensor(blurred(images_hwc, self.masker), device=dev)  # n x H x W x C
+        y = torch.as_tensor(labels, dtype=torch.int64, device=dev)
+        # shap evaluates f(fully masked) then f(x) before the recursion; one forward for all images.
+        base = self._logits(torch.cat([xb, x]), torch.cat([y, y]))
+        budget = self.max_evals - 2  # shap's explain_row passes max_evals - 2 to owen
+        states = [_Owen(base[i], base[n + i], tree.root, budget, self.seed, 2 * tree.m - 1) for i in range(n)]
+        # Context masks: row 0 is the empty mask, row r > 0 the image's r-th evaluated mask (each
+        # row is written before any queued node can refer to it, so no zero-fill is needed).
+        arena = torch.empty((n, self.rows, tree.m), dtype=torch.bool, device=dev)  # n x rows x M
+        arena[:, 0] = False
+        active = list(range(n))
+        while active:
+            active = [i for i in active if states[i].select(self.batch_size, tree.expand)]
+            # Two masks per popped node, in shap's order (m10 then m01), image after image.
+            img, ctx, node, row = [], [], [], []
+            for i in active:
+                st = states[i]
+                for j, t in enumerate(st.tasks):
+                    lr = (tree.left[t[5]], tree.right[t[5]])
+                    for s in (0, 1):
+                        img.append(i)
+                        ctx.append(t[2])
+                        node.append(lr[s])
+                        row.append(st.evals + 1 + 2 * j + s)
+            if not img:
+                continue
+            fout = self._evaluate(x, xb, y, arena, img, ctx, node, row)
+            pos = 0
+            for i in active:
+                st = states[i]
+                k = 2 * len(st.tasks)
+                st.update(fout[pos : pos + k], tree.left, tree.right)
+                pos += k
+        dvalues = np.array([st.dv for st in states], dtype=np.float64)  # n x (2M-1)
+        return lower_credit(dvalues, tree).reshape(n, h, w, c).astype(np.float32)
+
+    def _evaluate(self, x, xb, y, arena, img, ctx, node, row) -> list[float]:
+        """Build the masks ``arena[img, ctx] | box(node)``, store them at ``arena[img, row]``, and
+        return the label logit of each blur-masked image, ``forward_batch`` images per call.
+
+        ``img`` is sorted (image after image), so each image's rows are one contiguous segment
+        and its masking broadcasts that image instead of gathering a copy per row.
+        """
+        dev, (h, w, c), fb = self.device, self.tree.hwc, self.forward_batch
+        img_np = np.asarray(img)
+        img_t, ctx_t, node_t, row_t = (torch.as_tensor(v, device=dev) for v in (img_np, ctx, node, row))
+        ah, aw, ac = self._ar
+        fout: list[float] = []
+        for a in range(0, len(img), fb):
+            i, b = img_t[a : a + fb], self._box[node_t[a : a + fb]]  # (k,), (k, 6)
+            in_h = (ah >= b[:, 0:1]) & (ah < b[:, 1:2])  # k x H
+            in_w = (aw >= b[:, 2:3]) & (aw < b[:, 3:4])  # k x W
+            in_c = (ac >= b[:, 4:5]) & (ac < b[:, 5:6])  # k x C
+            mask = arena[i, ctx_t[a : a + fb]].view(-1, h, w, c)  # k x H x W x C (a copy)
+            mask |= in_h[:, :, None, None] & in_w[:, None, :, None] & in_c[:, None, None, :]
+            arena[i, row_t[a : a + fb]] = mask.view(-1, h * w * c)
+            # shap: out = x.copy(); out[~mask] = blurred[~mask], on the flattened H*W*C image
+            masked = torch.empty(mask.shape, dtype=x.dtype, device=dev)  # k x H x W x C
+            seg = img_np[a : a + fb]
+            starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]]).tolist() + [len(seg)]
+            for s, e in zip(starts[:-1], starts[1:]):
+                j = int(seg[s])
+                torch.where(mask[s:e], x[j], xb[j], out=masked[s:e])
+            fout += self._logits(masked, y[i])
+        return fout

@@ -1,0 +1,195 @@
+"""The paper's experiment on Ray Tune: per (model, dataset) cell, the Table 1 grid for stage 1,
+SHAP maps of the winner over Ray workers, the λ grid for stage 2, test accuracies of the winners.
+
+Layout of ``<out>``: ``tune/<cell>-stage{1,2}/`` (Tune experiments, restorable),
+``cells/<cell>/maps/<key>/`` (the winner's map store), ``mlflow.db`` (embedded tracking, unless
+``MLFLOW_TRACKING_URI``), ``summary.{md,csv}``. Rerunning the same command resumes: finished
+Tune experiments are restored (finished trials are not rerun), the map store resumes by shard,
+and MLflow runs are found again by key instead of duplicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from ray import tune
+
+from impactx_ray.config import RunConfig
+from impactx_ray.data import dataset_fingerprint, load_dataset
+from impactx_ray.errors import UserError
+from impactx_ray.explain import MapStore, default_masker, file_sha256, make_meta
+from impactx_ray.sweep.report import write_summary
+from impactx_ray.sweep.spaces import STAGE1_KEYS, STAGE2_KEYS, Cell, Space, stage1_space, stage2_space
+from impactx_ray.sweep.tracking import MLflowTrialLogger, Tracker, tracking_uri
+from impactx_ray.sweep.trainables import (CPUS, MAPS, STAGE1_CHECKPOINT, stage1_trainable,
+                                          stage2_trainable)
+from impactx_ray.train.checkpoint import load_checkpoint
+from impactx_ray.train.stage1 import load_backbone
+from impactx_ray.train.stage2 import load_impactx
+
+METRIC = "best_val_accuracy"  # selection is by validation accuracy, never test accuracy
+
+
+@dataclass
+class SweepOptions:
+    out: Path
+    cells: list[Cell]
+    base: dict[str, Any]                  # RunConfig fields shared by every trial
+    smoke: bool = False
+    full_stage2: bool = False
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    map_workers: int | None = None        # None: one per GPU in the cluster, else one per CPU
+    max_failures: int = 0
+    log: Callable[[str], None] = field(default=print)
+
+
+def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: int, parent: str,
+              trainable: Callable, space: Space, base: dict[str, Any]) -> tuple[Any, str]:
+    """Run (or restore and finish) one stage's Tune grid; returns (ResultGrid, stage run id)."""
+    key = f"{cell.name}/stage{stage}"
+    stage_run = tracker.run(key, f"{cell.name} stage {stage}", parent=parent)
+    storage = (opts.out / "tune").resolve()
+    path = storage / f"{cell.name}-stage{stage}"
+    resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
+    trainable = tune.with_resources(trainable, resources)
+    if tune.Tuner.can_restore(path):
+        opts.log(f"{key}: resuming the Tune experiment in {path}")
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=False)
+    else:
+        grid = {k: tune.grid_search(list(v)) for k, v in space.grid.items()}
+        logger = MLflowTrialLogger(tracker, key, stage_run, tuple(space.grid))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={**base, CPUS: opts.cpus_per_trial, **grid},
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max"),
+            run_config=tune.RunConfig(
+                name=path.name, storage_path=str(storage), callbacks=[logger], verbose=0,
+                failure_config=tune.FailureConfig(max_failures=opts.max_failures)))
+    results = tuner.fit()
+    if results.errors:
+        opts.log(f"{key}: {len(results.errors)} of {len(results)} trials failed (marked FAILED "
+                 "in MLflow); the sweep goes on with the others")
+    return results, stage_run
+
+
+def best(results: Any, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """(hyperparameters, final metrics, checkpoint file) of the best trial by validation accuracy."""
+    winner = results.get_best_result(METRIC, "max", scope="last", filter_nan_and_inf=True)
+    if winner is None or winner.checkpoint is None:
+        raise RuntimeError("no trial of this stage finished; see the Tune logs for the errors")
+    params = {k: winner.config[k] for k in keys}
+    return params, dict(winner.metrics), Path(winner.checkpoint.path) / "model.pt"
+
+
+def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Path) -> Path:
+    """The winner's SHAP maps over Ray workers, into a store shared by every stage-2 trial."""
+    from impactx_ray.explain.actors import compute_store_ray, default_gpus_per_worker, init_ray
+
+    train, _ = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
+    h, w = train.image_size
+    meta = make_meta(checkpoint_hash=file_sha256(checkpoint),
+                     data_fingerprint=dataset_fingerprint(train),
+                     masker=cfg.masker or default_masker(h, w), max_evals=cfg.max_evals,
+                     batch_size=cfg.shap_batch_size, seed=cfg.seed)
+    path = opts.out / "cells" / cell.name / "maps" / meta["checkpoint_hash"][:16]
+    store = MapStore.create_or_open(path, meta=meta, num_maps=len(train),
+                                    map_shape=(h, w, train.images.shape[1]))
+    init_ray()
+    import ray
+
+    gpus = default_gpus_per_worker()
+    workers = opts.map_workers or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1)))
+    build = partial(load_backbone, checkpoint, model=cfg.model, num_classes=train.num_classes,
+                    input_size=cfg.input_size)
+    compute_store_ray(store, build, train.float_images(), train.labels, workers=workers,
+                      max_evals=meta["max_evals"], masker=meta["masker"],
+                      batch_size=meta["batch_size"], seed=meta["seed"], gpus_per_worker=gpus,
+                      progress=True)
+    return path.resolve()
+
+
+def log_winner(tracker: Tracker, stage_run: str, params: dict, metrics: dict, model: Any) -> None:
+    """A stage's parent run carries its best child's params and metrics, and its model."""
+    tracker.params(stage_run, {f"best_{k}": v for k, v in params.items()})
+    tracker.metrics(stage_run, {k: v for k, v in metrics.items()
+                                if k.startswith(("best_", "test_", "val_"))})
+    tracker.model(stage_run, model)
+    tracker.finish(stage_run)
+
+
+def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -> dict[str, Any]:
+    cell_run = tracker.run(cell.name, cell.name, parent=sweep_run)
+    base = RunConfig.from_dict({**opts.base, "model": cell.model, "dataset": cell.dataset})
+    tracker.params(cell_run, {"model": cell.model, "dataset": cell.dataset})
+    load_dataset(base.dataset, base.data_root, download=base.download,
+                 image_size=base.image_size)  # missing data fails here, once, before any trial
+    base_dict = {**base.to_dict(), "download": False}
+
+    s1, s1_run = run_stage(opts, tracker, cell, 1, cell_run, stage1_trainable,
+                           stage1_space(opts.smoke), base_dict)
+    p1, m1, ckpt1 = best(s1, STAGE1_KEYS)
+    opts.log(f"{cell.name} stage 1 winner: {p1} val acc {m1[METRIC]:.4f} "
+             f"test acc {m1['test_accuracy']:.4f}")
+    _, meta1 = load_checkpoint(ckpt1)
+    winner_cfg = RunConfig.from_dict({**base_dict, **p1})
+    maps = compute_maps(opts, winner_cfg, cell, ckpt1)
+    log_winner(tracker, s1_run, p1, m1, load_backbone(ckpt1, model=cell.model,
+                                                      num_classes=meta1["num_classes"],
+                                                      input_size=base.input_size))
+
+    space2 = stage2_space(opts.smoke, opts.full_stage2, winner=p1)
+    s2_base = {**base_dict, **p1, STAGE1_CHECKPOINT: str(ckpt1), MAPS: str(maps)}
+    s2, s2_run = run_stage(opts, tracker, cell, 2, cell_run, stage2_trainable, space2, s2_base)
+    p2, m2, ckpt2 = best(s2, tuple(space2.grid))
+    opts.log(f"{cell.name} stage 2 winner: {p2} val acc {m2[METRIC]:.4f} "
+             f"test acc {m2['test_accuracy']:.4f}")
+    log_winner(tracker, s2_run, p2, m2, load_impactx(ckpt2, model=cell.model,
+                                                     num_classes=meta1["num_classes"],
+                                                     input_size=base.input_size))
+
+    row = {"model": cell.model, "dataset": cell.dataset,
+           "baseline_test_accuracy": m1["test_accuracy"], "impactx_test_accuracy": m2["test_accuracy"],
+           "baseline_val_accuracy": m1[METRIC], "impactx_val_accuracy": m2[METRIC],
+           **{k: p1[k] for k in STAGE1_KEYS}, "lam": p2.get("lam"),
+           "stage1_failed": len(s1.errors), "stage2_failed": len(s2.errors)}
+    tracker.params(cell_run, {k: row[k] for k in (*STAGE1_KEYS, *STAGE2_KEYS)})
+    tracker.metrics(cell_run, {k: v for k, v in row.items() if k.endswith("accuracy")})
+    tracker.finish(cell_run)
+    return row
+
+
+def run_sweep(opts: SweepOptions) -> list[dict[str, Any]]:
+    opts.out.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(tracking_uri(opts.out))
+    sweep_run = tracker.run("sweep", f"sweep {opts.out.resolve().name}")
+    tracker.params(sweep_run, {"smoke": opts.smoke, "full_stage2": opts.full_stage2,
+                               "cells": ",".join(c.name for c in opts.cells),
+                               **{k: v for k, v in opts.base.items() if v is not None}})
+    rows = [run_cell(opts, tracker, cell, sweep_run) for cell in opts.cells]
+    paths = write_summary(opts.out, rows)
+    for path in paths:
+        tracker.artifact(sweep_run, path)
+    tracker.finish(sweep_run)
+    return rows
+
+
+def options_from(out: Path, cells: list[Cell], **kw: Any) -> SweepOptions:
+    """SweepOptions with a validated base RunConfig (bad values fail before Ray starts)."""
+    names = {f.name for f in dataclasses.fields(SweepOptions)}
+    base = {k: v for k, v in kw.items() if k not in names}
+    for cell in cells:
+        RunConfig.from_dict({**base, "model": cell.model, "dataset": cell.dataset})
+    for flag, key, minimum in (("--cpus-per-trial", "cpus_per_trial", 1e-9),
+                               ("--gpus-per-trial", "gpus_per_trial", 0.0),
+                               ("--map-workers", "map_workers", 1),
+                               ("--max-failures", "max_failures", 0)):
+        value = kw.get(key)
+        if value is not None and value < minimum:
+            raise UserError(f"{flag} must be >= {minimum:g}, got {value!r}")
+    return SweepOptions(out=out, cells=cells, base=base, **{k: v for k, v in kw.items()
+                                                           if k in names})

@@ -1,0 +1,80 @@
+"""The paper's search spaces (Table 1) and the (model, dataset) cells of the experiment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+
+# Table 1. Learning rates come from integer steps (1 + 5·i)/10000 — never a float arange, whose
+# rounding would make grid points like 0.0036000000000000003.
+BATCH_SIZES = (16, 32, 64)
+LEARNING_RATES = tuple((1 + 5 * i) / 10_000 for i in range(20))  # 0.0001, 0.0006, …, 0.0096
+VAL_FRACTIONS = (0.05, 0.1, 0.2)
+LAMBDAS = tuple((2 * i) / 10 for i in range(1, 8))  # 0.2, 0.4, …, 1.4
+
+MODELS = ("lenet5", "mobilenet", "efficientnet_b2")
+DATASETS = ("cifar10", "cifar100", "stl10")
+
+STAGE1_KEYS = ("batch_size", "lr", "val_fraction")
+STAGE2_KEYS = ("lam",)
+
+
+@dataclass(frozen=True)
+class Space:
+    """One grid: parameter name → values (their product is the set of trials)."""
+
+    grid: dict[str, tuple]
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for values in self.grid.values():
+            n *= len(values)
+        return n
+
+    def points(self) -> list[dict]:
+        keys = list(self.grid)
+        return [dict(zip(keys, combo)) for combo in product(*self.grid.values())]
+
+
+def stage1_space(smoke: bool = False) -> Space:
+    if smoke:  # two configurations, as cheap as the grid allows
+        return Space({"batch_size": (32,), "lr": (0.0026, 0.0046), "val_fraction": (0.1,)})
+    return Space({"batch_size": BATCH_SIZES, "lr": LEARNING_RATES, "val_fraction": VAL_FRACTIONS})
+
+
+def stage2_space(smoke: bool = False, full: bool = False,
+                 winner: dict | None = None) -> Space:
+    """λ grid on the stage-1 winner's hyperparameters, or (``full``) over the whole product."""
+    lambdas = (0.4, 1.0) if smoke else LAMBDAS
+    if full:
+        return Space({**stage1_space(smoke).grid, "lam": lambdas})
+    fixed = {k: (v,) for k, v in (winner or {}).items() if k in STAGE1_KEYS}
+    return Space({**fixed, "lam": lambdas})
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    dataset: str
+
+    @property
+    def name(self) -> str:
+        # dataset names may be imagefolder:PATH: keep directory and run names clean
+        return f"{self.model}-{self.dataset.replace(':', '_').replace('/', '_')}"
+
+
+def cells(models: tuple[str, ...] = MODELS, datasets: tuple[str, ...] = DATASETS) -> list[Cell]:
+    return [Cell(m, d) for m, d in product(models, datasets)]
+
+
+def plan(cell_list: list[Cell], smoke: bool = False, full_stage2: bool = False) -> list[str]:
+    """The lines ``--dry-run`` prints: cells, trials per stage, and totals."""
+    s1 = stage1_space(smoke).size
+    s2 = stage2_space(smoke, full_stage2).size
+    lines = [f"{len(cell_list)} cells; per cell: {s1} stage-1 trials + {s2} stage-2 trials "
+             f"= {s1 + s2}"]
+    lines += [f"  {c.name}: model={c.model} dataset={c.dataset}" for c in cell_list]
+    lines.append(f"total: {len(cell_list) * s1} stage-1 + {len(cell_list) * s2} stage-2 = "
+                 f"{len(cell_list) * (s1 + s2)} trials")
+    return lines

@@ -1,0 +1,152 @@
+"""MLflow bookkeeping for sweeps — the only module that imports MLflow.
+
+All writes happen in the driver process (SQLite allows one writer): Tune trials report to Tune,
+and ``MLflowTrialLogger``, a Tune callback running in the driver, turns their results into runs.
+Runs are found again by an ``impactx.key`` tag, so a resumed sweep reuses its runs instead of
+duplicating them. Nesting: sweep → cell → stage → trial, through ``mlflow.parentRunId`` tags.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from ray import tune
+
+EXPERIMENT = "impactx"
+KEY_TAG = "impactx.key"
+# What trials report besides Tune's own bookkeeping (timestamps, pids, iteration counters).
+METRIC_PREFIXES = ("train_", "val_", "test_", "best_")
+
+
+def tracking_uri(out: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when set (a server, for clusters), else ``sqlite:///<out>/mlflow.db``
+    with an absolute path (Tune changes trials' working directories)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out).resolve()}/mlflow.db"
+
+
+class Tracker:
+    """Get-or-create runs by key and log to them, without MLflow's global active-run state."""
+
+    def __init__(self, uri: str, experiment: str = EXPERIMENT) -> None:
+        self.uri, self.experiment = uri, experiment
+        self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its experiment state
+        return {"uri": self.uri, "experiment": self.experiment, "_client": None,
+                "_experiment_id": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.uri)
+            exp = self._client.get_experiment_by_name(self.experiment)
+            self._experiment_id = (exp.experiment_id if exp is not None
+                                   else self._client.create_experiment(self.experiment))
+        return self._client
+
+    def run(self, key: str, name: str, parent: str | None = None) -> str:
+        """The id of the run tagged ``key``, created (under ``parent``) if there is none yet."""
+        client = self.client
+        found = client.search_runs([self._experiment_id], f"tags.`{KEY_TAG}` = '{key}'",
+                                   max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].info.status != "FINISHED":
+                client.update_run(run_id, status="RUNNING")
+            return run_id
+        tags = {KEY_TAG: key}
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent
+        return client.create_run(self._experiment_id, tags=tags, run_name=name).info.run_id
+
+    def params(self, run_id: str, params: dict[str, Any]) -> None:
+        logged = self.client.get_run(run_id).data.params
+        new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in logged]
+        for start in range(0, len(new), 100):
+            self.client.log_batch(run_id, params=new[start:start + 100])
+
+    def metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def finish(self, run_id: str, ok: bool = True) -> None:
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        self.client.set_terminated(run_id, status=status)
+
+    def artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path=folder)
+
+    def model(self, run_id: str, model: Any, name: str = "model") -> None:
+        """Log a torch model with ``mlflow.pytorch``: pickled whole (``mlflow.pytorch.load_model``
+        needs impactx-ray importable), requirements given rather than inferred."""
+        mlflow.set_tracking_uri(self.uri)
+        # The pickle format is chosen knowingly (pt2 cannot export every timm model); mute the
+        # warning it logs on every call.
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(model.cpu(), name=name, serialization_format="pickle",
+                                     pip_requirements=["torch", "impactx-ray"])
+        self.client.update_run(run_id, status="RUNNING")
+
+    def is_finished(self, key: str) -> bool:
+        found = self.client.search_runs([self._experiment_id], f"tags.`{KEY_TAG}` = '{key}'",
+                                        max_results=1)
+        return bool(found) and found[0].info.status == "FINISHED"
+
+
+class MLflowTrialLogger(tune.Callback):
+    """Tune callback (driver side): one MLflow run per trial, params, per-epoch metrics, status."""
+
+    def __init__(self, tracker: Tracker, stage_key: str, parent: str,
+                 param_keys: tuple[str, ...]) -> None:
+        self.tracker, self.stage_key, self.parent = tracker, stage_key, parent
+        self.param_keys = param_keys  # the grid's keys: they name the trial
+        self.runs: dict[str, str] = {}
+
+    def trial_key(self, config: dict[str, Any]) -> str:
+        return self.stage_key + "/" + ",".join(f"{k}={config[k]}" for k in self.param_keys)
+
+    def _run(self, trial: Any) -> str:
+        if trial.trial_id not in self.runs:
+            name = ", ".join(f"{k}={trial.config[k]}" for k in self.param_keys)
+            run_id = self.tracker.run(self.trial_key(trial.config), name, parent=self.parent)
+            params = {k: v for k, v in trial.config.items() if not isinstance(v, (dict, list))}
+            self.tracker.params(run_id, params)
+            self.tracker.tags(run_id, {"impactx.trial_id": trial.trial_id})
+            self.runs[trial.trial_id] = run_id
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        ours = {k: v for k, v in result.items() if k.startswith(METRIC_PREFIXES)}
+        self.tracker.metrics(self._run(trial), ours, step=step)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tracker.finish(self._run(trial), ok=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run(trial)
+        self.tracker.tags(run_id, {"impactx.error": str(trial.error_file or "see Tune logs")})
+        self.tracker.finish(run_id, ok=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "runs": {}}

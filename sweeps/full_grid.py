@@ -1,0 +1,105 @@
+"""The paper's whole experiment as one Ray job: for every (model, dataset) cell, the Table 1 grid
+for stage 1, SHAP maps of the winner over the cluster, the λ grid for stage 2, every trial in
+MLflow, and a Table 2 summary.
+
+    ray job submit --working-dir . -- python sweeps/full_grid.py --out /shared/impactx
+    python sweeps/full_grid.py --smoke            # the same pipeline, small, on this machine
+    python sweeps/full_grid.py --dry-run          # what would run, without starting Ray
+
+Rerun the same command with the same --out to resume an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from impactx_ray.cli import _Parser
+from impactx_ray.errors import UserError
+from impactx_ray.sweep.spaces import DATASETS, MODELS, cells, plan
+
+SMOKE = {"models": ["lenet5"], "datasets": ["digits"], "epochs": 3, "max_evals": 100}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="full_grid.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory "
+                   "(shared storage on a multi-node cluster)")
+    p.add_argument("--smoke", action="store_true", help="digits, LeNet-5, 2 stage-1 "
+                   "configurations, 2 λ values, few epochs and evaluations")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and trial counts")
+    p.add_argument("--models", nargs="+", help=f"default: {' '.join(MODELS)}")
+    p.add_argument("--datasets", nargs="+", help=f"default: {' '.join(DATASETS)}")
+    p.add_argument("--epochs", type=int, help="stage-1 epochs (default 30; smoke 3)")
+    p.add_argument("--stage2-epochs", type=int, help="stage-2 epochs (default: --epochs)")
+    p.add_argument("--max-evals", type=int, help="SHAP evaluations per map (default 2000)")
+    p.add_argument("--stage2-space", choices=("lambda", "full"), default="lambda",
+                   help="stage 2 over λ on the stage-1 winner (default), or the full product")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, help="fractions allowed (default: 1 when the "
+                   "cluster has GPUs, 0.5 in --smoke, else 0)")
+    p.add_argument("--map-workers", type=int, help="SHAP map workers (default: one per GPU, "
+                   "else one per CPU)")
+    p.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial")
+    p.add_argument("--data-root", default="./data")
+    p.add_argument("--download", action="store_true", help="download missing datasets")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+        models = args.models or (SMOKE["models"] if args.smoke else list(MODELS))
+        datasets = args.datasets or (SMOKE["datasets"] if args.smoke else list(DATASETS))
+        cell_list = cells(tuple(models), tuple(datasets))
+        if args.dry_run:
+            print("\n".join(plan(cell_list, args.smoke, args.stage2_space == "full")))
+            return 0
+        return run(args, cell_list)
+    except UserError as e:
+        print(f"full_grid.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, cell_list: list) -> int:
+    from impactx_ray.sweep.pipeline import options_from, run_sweep
+    from impactx_ray.sweep.tracking import tracking_uri
+
+    def default(value, smoke, full):
+        return value if value is not None else (smoke if args.smoke else full)
+
+    epochs = default(args.epochs, SMOKE["epochs"], 30)
+    max_evals = default(args.max_evals, SMOKE["max_evals"], 2000)
+    opts = options_from(  # validates every value before Ray starts
+        args.out, cell_list, smoke=args.smoke, full_stage2=args.stage2_space == "full",
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial or 0.0,
+        map_workers=args.map_workers, max_failures=args.max_failures,
+        epochs=epochs, stage2_epochs=args.stage2_epochs, max_evals=max_evals,
+        data_root=str(Path(args.data_root).resolve()), download=args.download, seed=args.seed)
+    from impactx_ray.data import load_dataset
+
+    for name in dict.fromkeys(c.dataset for c in cell_list):  # missing data: fail before Ray
+        load_dataset(name, opts.base["data_root"], download=args.download)
+
+    import ray
+
+    from impactx_ray.explain.actors import init_ray
+
+    init_ray()  # plain ray.init(): RAY_ADDRESS when set, else a local Ray
+    if args.gpus_per_trial is None and ray.cluster_resources().get("GPU", 0) > 0:
+        opts.gpus_per_trial = 0.5 if args.smoke else 1.0
+    rows = run_sweep(opts)
+    uri = tracking_uri(args.out)
+    print(f"summary: {args.out / 'summary.md'}")
+    print(f"compare the trials: mlflow ui --backend-store-uri {uri}"
+          if uri.startswith("sqlite") else f"MLflow: {uri}")
+    failed = sum(r["stage1_failed"] + r["stage2_failed"] for r in rows)
+    if failed:
+        print(f"{failed} trials failed; see the FAILED runs in MLflow", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The sweep: Table 1 grids, dry run, summary; the smoke sweep end to end, killed and resumed;
+a crashing trial; ``ray job submit`` against a local head."""
+
+import csv
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from impactx_ray.sweep.report import summary_markdown, write_summary
+from impactx_ray.sweep.spaces import (LAMBDAS, LEARNING_RATES, cells, plan, stage1_space,
+                                      stage2_space)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "sweeps" / "full_grid.py"
+FAST_SMOKE = ["--smoke", "--max-evals", "32"]
+
+
+def test_table1_grids_are_exact():
+    assert LEARNING_RATES[:3] == (0.0001, 0.0006, 0.0011) and LEARNING_RATES[-1] == 0.0096
+    assert len(LEARNING_RATES) == 20 and all(round(lr, 4) == lr for lr in LEARNING_RATES)
+    assert LAMBDAS == (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4)
+    assert stage1_space().size == 180 and len(stage1_space().points()) == 180
+    winner = {"batch_size": 16, "lr": 0.0011, "val_fraction": 0.2}
+    s2 = stage2_space(winner=winner)
+    assert s2.size == 7 and all(p["batch_size"] == 16 and p["lr"] == 0.0011 for p in s2.points())
+    assert stage2_space(full=True).size == 180 * 7
+
+
+def test_dry_run_counts_without_starting_ray():
+    code = ("import sys, runpy; sys.argv = ['full_grid.py', '--dry-run']; "
+            "sys.path.insert(0, 'sweeps'); import full_grid; rc = full_grid.main(['--dry-run']); "
+            "print('ray imported:', 'ray' in sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "9 cells; per cell: 180 stage-1 trials + 7 stage-2 trials = 187" in proc.stdout
+    assert "total: 1620 stage-1 + 63 stage-2 = 1683 trials" in proc.stdout
+    assert "ray imported: False" in proc.stdout
+    assert plan(cells(("lenet5",), ("digits",)), smoke=True)[-1] == \
+        "total: 2 stage-1 + 2 stage-2 = 4 trials"
+
+
+def test_bad_sweep_arguments_are_one_line_errors():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--epochs", "0", "--out",
+                           "/nonexistent/never"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "full_grid.py: error: --epochs must be an integer >= 1, got 0"]
+
+
+def test_summary_files(tmp_path):
+    rows = [{"model": "lenet5", "dataset": "digits", "baseline_test_accuracy": 0.95,
+             "impactx_test_accuracy": 0.9583, "batch_size": 32, "lr": 0.0026,
+             "val_fraction": 0.1, "lam": 1.0, "stage1_failed": 0, "stage2_failed": 1}]
+    md, csv_path = write_summary(tmp_path, rows)
+    assert "| lenet5 | digits | 0.9500 | 0.9583 | 32 | 0.0026 | 0.1000 | 1.0 | 0 | 1 |" in \
+        md.read_text()
+    assert list(csv.DictReader(open(csv_path)))[0]["impactx_test_accuracy"] == "0.9583"
+    assert summary_markdown(rows) == md.read_text()
+
+
+def trial_runs(db: Path) -> list[tuple[str, str, str]]:
+    """(impactx.key, status, parent key) of every trial run in an MLflow SQLite store."""
+    con = sqlite3.connect(db)
+    rows = con.execute(
+        "select t.value, r.status, (select p.value from tags p where p.run_uuid = "
+        "(select q.value from tags q where q.run_uuid = r.run_uuid and "
+        "q.key = 'mlflow.parentRunId') and p.key = 'impactx.key') "
+        "from runs r join tags t on t.run_uuid = r.run_uuid where t.key = 'impactx.key' "
+        "and t.value like '%/stage%/%'").fetchall()
+    con.close()
+    return rows
+
+
+def wait_for_trial_metrics(db: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            con = sqlite3.connect(db)
+            n = con.execute("select count(*) from metrics m join tags t on m.run_uuid = "
+                            "t.run_uuid where t.key = 'impactx.key' and t.value like "
+                            "'%/stage1/%'").fetchone()[0]
+            con.close()
+            if n:
+                return
+        except sqlite3.Error:
+            pass
+        time.sleep(0.3)
+    pytest.fail("the smoke sweep never reported a stage-1 epoch")
+
+
+@pytest.mark.slow
+def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(SCRIPT), *FAST_SMOKE, "--out", str(out)]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        wait_for_trial_metrics(out / "mlflow.db", first)
+        assert first.poll() is None, "the sweep ended before it could be interrupted"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        first.wait()
+    assert not (out / "summary.md").exists()
+
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "mlflow ui --backend-store-uri sqlite:///" in second.stdout
+    runs = trial_runs(out / "mlflow.db")
+    keys = [key for key, _, _ in runs]
+    assert len(keys) == len(set(keys)), f"duplicated trial runs: {sorted(keys)}"
+    stage1 = [r for r in runs if "/stage1/" in r[0]]
+    stage2 = [r for r in runs if "/stage2/" in r[0]]
+    assert len(stage1) == 2 and len(stage2) == 2
+    assert all(status == "FINISHED" for _, status, _ in runs)
+    assert {parent for _, _, parent in stage1} == {"lenet5-digits/stage1"}
+    assert {parent for _, _, parent in stage2} == {"lenet5-digits/stage2"}
+    con = sqlite3.connect(out / "mlflow.db")
+    for key, _, _ in runs:
+        params = dict(con.execute(
+            "select p.key, p.value from params p join tags t on t.run_uuid = p.run_uuid "
+            "where t.key = 'impactx.key' and t.value = ?", (key,)).fetchall())
+        assert {"batch_size", "lr", "val_fraction", "lam"} <= set(params)
+    summary = (out / "summary.md").read_text()
+    assert "| lenet5 | digits |" in summary
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_smoke_sweep(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    ray_exe = str(bin_dir / "ray")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    start = subprocess.run([ray_exe, "start", "--head", "--port", "6399", "--num-cpus", "2",
+                            "--dashboard-port", "8299", "--include-dashboard", "true",
+                            "--disable-usage-stats"], capture_output=True, text=True, env=env,
+                           timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        out = tmp_path / "job-sweep"
+        job = subprocess.run(
+            [ray_exe, "job", "submit", "--address", "http://127.0.0.1:8299", "--working-dir",
+             str(ROOT), "--", "python", "sweeps/full_grid.py", *FAST_SMOKE, "--out", str(out)],
+            capture_output=True, text=True, env=env, timeout=900)
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+        assert "succeeded" in job.stdout
+        assert (out / "summary.md").exists()
+        assert len(trial_runs(out / "mlflow.db")) == 4
+    finally:
+        subprocess.run([ray_exe, "stop", "--force"], capture_output=True, env=env, timeout=120)
