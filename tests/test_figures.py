@@ -18,7 +18,7 @@ def test_plot_examples_and_mean_morf(tmp_path):
     }
     curves = {name: np.sort(rng.random((n, 17)), axis=1)[:, ::-1] for name in maps}
     out = plot_examples(tmp_path / "figs" / "examples.png", images, maps, curves, [0, 2, 1],
-                        ["cat", "dog", "ship"])
+                        ["cat", "dog", "ship"], titles=["cat (0.91)", "ship (0.50)", "dog (0.72)"])
     assert out.read_bytes().startswith(PNG) and out.stat().st_size > 1000
     mean = plot_mean_morf(tmp_path / "mean_morf.png", curves)
     assert mean.read_bytes().startswith(PNG) and mean.stat().st_size > 1000

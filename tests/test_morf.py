@@ -70,6 +70,14 @@ def test_seed_controls_noise_and_nothing_else_does():
     np.testing.assert_allclose(morf_curve(PatchModel(), x, y, nchw, region=4, steps=10, seed=7), a, rtol=1e-6)
 
 
+def test_uint8_images_equal_their_float_version():
+    x, y, maps = _data()
+    x8 = (x * 255).round().to(torch.uint8)
+    a = morf_curve(PatchModel(), x8, y, maps, region=4, steps=6, seed=2)
+    b = morf_curve(PatchModel(), x8.float() / 255, y, maps, region=4, steps=6, seed=2)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_first_step_replaces_exactly_the_top_region():
     x, _, _ = _data()
     maps = np.zeros((N, 3, H, W), np.float32)  # N×C×H×W layout

@@ -135,8 +135,11 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
 def test_ray_job_submit_runs_the_smoke_sweep(tmp_path):
     bin_dir = Path(sys.executable).parent
     ray_exe = str(bin_dir / "ray")
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    # A throwaway single-machine cluster: no token authentication (Ray 2.60 enables it by default).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    # the job's `python` is the cluster's: this environment's interpreter
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     start = subprocess.run([ray_exe, "start", "--head", "--port", "6399", "--num-cpus", "2",
                             "--dashboard-port", "8299", "--include-dashboard", "true",
                             "--disable-usage-stats"], capture_output=True, text=True, env=env,

@@ -39,13 +39,14 @@ def _map_hw(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def plot_examples(path: str | Path, images: object, maps_by_method: Mapping[str, object],
                   curves_by_method: Mapping[str, object], labels: Sequence[int] | np.ndarray,
-                  class_names: Sequence[str]) -> Path:
+                  class_names: Sequence[str], *, titles: Sequence[str] | None = None) -> Path:
     """One row per image: the image, one map per method (e.g. SHAP, IMPACTX, ABN), its MoRF curves.
 
     ``images`` N×C×H×W or N×H×W×C; each map array has N maps in any layout MoRF accepts; each curve
     array is N×(S+1). Signed maps (SHAP, IMPACTX) use a diverging colormap centred on 0 and scaled
     per map to its max |value| (red = for the class); non-negative maps (ABN's attention) use jet
-    over their own min..max, as the ABN paper draws them.
+    over their own min..max, as the ABN paper draws them. ``titles`` replaces the per-row class
+    name (e.g. "cat (0.93)", the class and score the paper prints).
     """
     imgs = _to_numpy(images)
     labels = np.asarray(_to_numpy(labels)).reshape(-1)
@@ -59,7 +60,7 @@ def plot_examples(path: str | Path, images: object, maps_by_method: Mapping[str,
         hw = img.shape[:2]
         ax = axes[i, 0]
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
-        ax.set_title(str(class_names[int(labels[i])]), fontsize=9)
+        ax.set_title(titles[i] if titles is not None else str(class_names[int(labels[i])]), fontsize=9)
         for j, (name, m) in enumerate(maps.items(), start=1):
             rel = _map_hw(m[i], hw)
             if rel.min() >= 0:  # an attention map (ABN): its own min..max, as the ABN paper shows it

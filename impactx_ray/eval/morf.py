@@ -40,10 +40,16 @@ def default_region(image_size: Sequence[int]) -> int:
 
 
 def _images(images: ArrayLike) -> Tensor:
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images)
+    """N×C×H×W as a tensor, left in its dtype (uint8 stays small; batches convert on the fly)."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images).detach()
     if x.dim() != 4:
         raise ValueError(f"images must be N×C×H×W, got shape {tuple(x.shape)}")
-    return x.detach().to(torch.float32)
+    return x
+
+
+def _float(x: Tensor) -> Tensor:
+    """uint8 0-255 -> float [0, 1] (as ImageData.float_images); float images pass through as float32."""
+    return x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
 
 
 def relevance(maps: ArrayLike, image_shape: Sequence[int]) -> Tensor:
@@ -85,7 +91,8 @@ def _draw_noise(g: torch.Generator, n: int, shape: Sequence[int], lo: float, hi:
 def noise_images(images: Tensor, seed: int) -> Tensor:
     """One uniform noise image per sample in [images.min(), images.max()], drawn in sample order."""
     g = torch.Generator().manual_seed(int(seed))
-    return _draw_noise(g, len(images), images.shape[1:], images.min().item(), images.max().item())
+    lo, hi = _float(images.min().view(1)).item(), _float(images.max().view(1)).item()
+    return _draw_noise(g, len(images), images.shape[1:], lo, hi)
 
 
 def _perturb(x: Tensor, ranks: Tensor, noise: Tensor, k: int) -> Tensor:
@@ -98,7 +105,7 @@ def perturbed_images(images: ArrayLike, maps: ArrayLike, k: int, *, region: int 
     x = _images(images)
     region = region or default_region(x.shape[-2:])
     ranks = region_ranks(relevance(maps, x.shape), region)
-    return _perturb(x, ranks, noise_images(x, seed), k)
+    return _perturb(_float(x), ranks, noise_images(x, seed), k)
 
 
 def _logits(model: Callable[[Tensor], object], x: Tensor) -> Tensor:
@@ -114,20 +121,22 @@ def morf_curve(model: Callable[[Tensor], object], images: ArrayLike, labels: Arr
 
     ``model`` returns logits or a tuple whose first element is logits; an ``nn.Module`` is run in
     eval mode (its mode is restored) on the device of its parameters. ``region=None`` takes
-    ``default_region`` (4 at 32×32); ``steps=None`` replaces every region.
+    ``default_region`` (4 at 32×32); ``steps=None`` replaces every region. ``images`` are what
+    the model takes (float in [0, 1]) or uint8 0-255, converted per batch like ImageData does.
     """
     x_all = _images(images)
+    n, _, h, w = x_all.shape
     y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
-    if len(y_all) != len(x_all):
-        raise ValueError(f"{len(x_all)} images for {len(y_all)} labels")
-    region = region or default_region(x_all.shape[-2:])
-    ranks_all = region_ranks(relevance(maps, x_all.shape), region)
-    h, w = x_all.shape[-2:]
+    if len(y_all) != n or len(maps) != n:
+        raise ValueError(f"{n} images, {len(y_all)} labels and {len(maps)} maps: give one of each per sample")
+    region = region or default_region((h, w))
+    if isinstance(region, bool) or not isinstance(region, int) or region < 1:
+        raise ValueError(f"region must be a positive number of pixels, got {region!r}")
     total = (-(-h // region)) * (-(-w // region))
     steps = total if steps is None else int(steps)
     if not 0 <= steps <= total:
         raise ValueError(f"steps must be in [0, {total}] ({total} regions of {region}×{region}), got {steps}")
-    lo, hi = x_all.min().item(), x_all.max().item()
+    lo, hi = _float(x_all.min().view(1)).item(), _float(x_all.max().view(1)).item()
     g = torch.Generator().manual_seed(int(seed))
     module = model if isinstance(model, nn.Module) else None
     was_training = module.training if module is not None else False
@@ -135,12 +144,14 @@ def morf_curve(model: Callable[[Tensor], object], images: ArrayLike, labels: Arr
     device = param.device if param is not None else torch.device("cpu")
     if module is not None:
         module.eval()
-    curves = np.empty((len(x_all), steps + 1), dtype=np.float32)
+    curves = np.empty((n, steps + 1), dtype=np.float32)
     try:
-        for start in range(0, len(x_all), batch_size):
-            x, y = x_all[start:start + batch_size], y_all[start:start + batch_size]
-            noise = _draw_noise(g, len(x), x.shape[1:], lo, hi).to(device)  # continues noise_images' stream
-            x, y, ranks = x.to(device), y.to(device), ranks_all[start:start + batch_size].to(device)
+        for start in range(0, n, batch_size):  # maps are read a batch at a time (memmaps stay on disk)
+            x = _float(x_all[start:start + batch_size])
+            ranks = region_ranks(relevance(maps[start:start + batch_size], x.shape), region)
+            noise = _draw_noise(g, len(x), x.shape[1:], lo, hi)  # continues noise_images' stream
+            x, noise, ranks = x.to(device), noise.to(device), ranks.to(device)
+            y = y_all[start:start + batch_size].to(device)
             for k in range(steps + 1):
                 p = torch.softmax(_logits(model, _perturb(x, ranks, noise, k)).float(), dim=1)
                 curves[start:start + len(x), k] = p.gather(1, y[:, None]).squeeze(1).cpu().numpy()

@@ -187,7 +187,9 @@ class TrueClassExplainer:
 
     Building it costs the partition tree once; ``explain(x_hwc, y)`` gives one map and
     ``explain_many(x_hwc, labels)`` a batch (the batched engine runs the whole batch in lockstep).
-    Used by :func:`explain_true_class`, :func:`explain_batch` and the map store.
+    Used by :func:`explain_true_class`, :func:`explain_batch` and the map store. ``engine``
+    defaults to ``"shap"`` here so that callers which record the engine in a store's meta say
+    which one they use; the functions below default to ``"batched"``.
     """
 
     def __init__(
@@ -200,7 +202,7 @@ class TrueClassExplainer:
         batch_size: int = 100,
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
-        engine: str = DEFAULT_ENGINE,
+        engine: str = "shap",
         forward_batch: int = DEFAULT_FORWARD_BATCH,
     ) -> None:
         c, h, w = image_shape
