@@ -75,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         "stage1": "redo stage 1 (the plain classifier A) on an existing run directory",
         "explain": "compute (or finish) the SHAP maps of the stage-1 model",
         "stage2": "redo stage 2 (LEP, decoder, classifier with M frozen)",
-        "evaluate": "test accuracy of A and IMPACTX; writes result.json",
+        "evaluate": "test accuracy of every trained method; --morf adds MoRF/AOPC and figures",
+        "report": "summary.md/summary.csv of a run or sweep directory beside the paper's Table 2",
     }
     for name, help_text in steps.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
                            argument_default=argparse.SUPPRESS)
+        if name == "report":
+            p.add_argument("--out", type=Path, required=True, help="run or sweep directory")
+            continue
         p.add_argument("--out", type=Path, required=name != "run", default=Path("runs/default")
                        if name == "run" else argparse.SUPPRESS, help="run directory")
         for flag, dest, typ, help_flag in CONFIG_FLAGS:
@@ -94,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "workers (attaches to RAY_ADDRESS when set, else starts a local Ray)")
             p.add_argument("--gpus-per-worker", type=float, help="GPUs per map worker (default: "
                            "1 when the cluster has GPUs, else 0)")
+        if name == "run":
+            p.add_argument("--method", nargs="+", choices=("baseline", "impactx", "abn", "wae"),
+                           help="methods to train besides the baseline (default: impactx)")
+        if name == "evaluate":
+            p.add_argument("--morf", action="store_true", help="MoRF curves and AOPC of IMPACTX's "
+                           "maps, SHAP maps of IMPACTX, ABN maps (if trained) and random maps")
+            p.add_argument("--morf-images", type=_positive_int, help="test images for MoRF "
+                           "(default 100)")
         if name in ("explain", "stage2"):
             p.add_argument("--checkpoint", type=Path, help="stage-1 checkpoint to use instead of "
                            "the run's own")
@@ -108,8 +120,12 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_result(result: dict[str, Any], out: Path) -> None:
-    print(f"baseline (A) test accuracy: {result['baseline_test_accuracy']:.4f}")
-    print(f"IMPACTX test accuracy:      {result['impactx_test_accuracy']:.4f}")
+    names = {"baseline": "baseline (A)", "impactx": "IMPACTX", "abn": "ABN", "wae": "WAE"}
+    for method, name in names.items():
+        if f"{method}_test_accuracy" in result:
+            print(f"{name + ' test accuracy:':<27} {result[f'{method}_test_accuracy']:.4f}")
+    for method, score in result.get("morf", {}).get("aopc", {}).items():
+        print(f"{'AOPC ' + method + ':':<27} {score:.4f}")
     print(f"results: {out / 'result.json'}")
 
 
@@ -118,13 +134,19 @@ def run_command(args: argparse.Namespace) -> None:
     from impactx_ray.runner import Run, load_run_config
 
     out: Path = args.out
+    if args.command == "report":
+        from impactx_ray.sweep.report import report
+
+        report(out)
+        return
     progress = not getattr(args, "quiet", False)
     overrides = _config_overrides(args)
     if args.command == "run":
         cfg = RunConfig.from_dict(overrides)
         run = Run(cfg, out, progress=progress)
         run.gpus_per_worker = getattr(args, "gpus_per_worker", None)
-        _print_result(run.run_all(workers=getattr(args, "workers", None)), out)
+        methods = tuple(getattr(args, "method", None) or ("impactx",))
+        _print_result(run.run_all(workers=getattr(args, "workers", None), methods=methods), out)
         return
     cfg = load_run_config(out, overrides)
     run = Run(cfg, out, progress=progress)
@@ -147,7 +169,8 @@ def run_command(args: argparse.Namespace) -> None:
         print(f"stage 2: best val accuracy {meta['val_accuracy']:.4f} (epoch {meta['best_epoch']})"
               f" -> {run.dir.stage2}")
     elif args.command == "evaluate":
-        _print_result(run.evaluate(), out)
+        _print_result(run.evaluate(morf=getattr(args, "morf", False),
+                                   morf_images=getattr(args, "morf_images", 100)), out)
 
 
 def main(argv: list[str] | None = None) -> int:

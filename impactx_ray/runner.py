@@ -6,6 +6,8 @@ Layout of ``<out>``::
     stage1/model.pt        A = Q∘M with the best validation accuracy, + stage1/history.json
     maps/<key>/            map store of that checkpoint (key = hash of checkpoint + shap settings)
     stage2/model.pt        IMPACTX (M frozen, LEP, D, C), + stage2/history.json
+    abn/model.pt           ABN (``--method abn``), wae/model.pt: WAE (``--method wae``)
+    morf/                  MoRF curves, AOPC and figures (``evaluate --morf``)
     result.json            test accuracies of A and IMPACTX, hyperparameters, timings
     timings.json           seconds per step and maps/s, merged across commands
 
@@ -33,10 +35,12 @@ from impactx_ray.data import ImageData, dataset_fingerprint, load_dataset, train
 from impactx_ray.errors import UserError
 from impactx_ray.explain import (MapStore, compute_store, default_masker, file_sha256, make_meta,
                                  validate_masker)
-from impactx_ray.models import Backbone, ImpactX
+from impactx_ray.models import Backbone
 from impactx_ray.train import train_stage1, train_stage2
 from impactx_ray.train.stage1 import load_backbone
 from impactx_ray.train.stage2 import load_impactx
+from impactx_ray.train.baselines import load_abn, load_wae, train_abn, train_wae
+from impactx_ray.eval.compare import METHODS, morf_comparison, write_morf
 from impactx_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from impactx_ray.train.loop import accuracy, eval_mode, resolve_device
 
@@ -68,6 +72,10 @@ class RunDir:
     def stage1(self) -> Path: return self.root / "stage1" / "model.pt"
     @property
     def stage2(self) -> Path: return self.root / "stage2" / "model.pt"
+    @property
+    def abn(self) -> Path: return self.root / "abn" / "model.pt"
+    @property
+    def wae(self) -> Path: return self.root / "wae" / "model.pt"
     @property
     def result(self) -> Path: return self.root / "result.json"
     @property
@@ -130,12 +138,6 @@ class Run:
     def stage1_meta(self) -> dict[str, Any]:
         return {"kind": "stage1", "model": self.cfg.model, "num_classes": self.train_data.num_classes,
                 "config": self.cfg.subset(STAGE1_KEYS)}
-
-    def stage1_done(self) -> bool:
-        if not self.dir.stage1.exists():
-            return False
-        _, meta = load_checkpoint(self.dir.stage1)
-        return meta.get("config") == self.cfg.subset(STAGE1_KEYS)
 
     def stage1(self) -> dict[str, Any]:
         train_idx, val_idx = self.split()
@@ -244,52 +246,114 @@ class Run:
         write_json(self.dir.stage2.with_name("history.json"), result.history)
         return meta
 
-    def stage2_done(self) -> bool:
-        if not (self.dir.stage2.exists() and self.dir.stage1.exists()):
-            return False
-        _, meta = load_checkpoint(self.dir.stage2)
-        return (meta.get("stage1_hash") == file_sha256(self.dir.stage1) and meta.get("config")
-                == self.cfg.subset(STAGE1_KEYS + EXPLAIN_KEYS + STAGE2_KEYS))
+    # -- comparison methods -----------------------------------------------------------------------
+    def train_abn(self) -> dict[str, Any]:
+        """ABN with stage 1's hyperparameters (a stage-1-type model: no maps needed)."""
+        train_idx, val_idx = self.split()
+        result = train_abn(self.cfg, self.train_data, train_idx, val_idx, device=self.device,
+                           progress=self.progress)
+        meta = {"kind": "abn", "model": self.cfg.model, "num_classes": self.train_data.num_classes,
+                "config": self.cfg.subset(STAGE1_KEYS), "best_epoch": result.best_epoch,
+                "val_accuracy": result.best_val_accuracy, "seconds": result.seconds}
+        save_checkpoint(self.dir.abn, result.model.state_dict(), meta)
+        write_json(self.dir.abn.with_name("history.json"), result.history)
+        return meta
 
-    def load_stage2(self) -> ImpactX:
-        model = load_impactx(self.dir.stage2, **self.backbone_spec())
-        return model.to(self.device).eval()
+    def train_wae(self) -> dict[str, Any]:
+        """WAE on the frozen stage-1 model and its SHAP maps (stage 2's budget, no λ)."""
+        backbone, ckpt_hash = self.load_stage1()
+        maps = self.load_maps(ckpt_hash)
+        train_idx, val_idx = self.split()
+        result = train_wae(self.cfg, backbone, self.train_data, maps, train_idx, val_idx,
+                           device=self.device, progress=self.progress)
+        meta = {"kind": "wae", "model": self.cfg.model, "num_classes": self.train_data.num_classes,
+                "stage1_hash": ckpt_hash, "image_size": list(self.train_data.image_size),
+                "channels": int(maps.shape[-1]),
+                "config": self.cfg.subset(STAGE1_KEYS + EXPLAIN_KEYS + ("stage2_epochs",
+                                                                        "stage2_lr")),
+                "best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
+                "seconds": result.seconds}
+        save_checkpoint(self.dir.wae, result.model.state_dict(), meta)
+        write_json(self.dir.wae.with_name("history.json"), result.history)
+        return meta
+
+    def done(self, path: Path, keys: tuple[str, ...]) -> bool:
+        """Whether ``path`` holds a checkpoint made with this config (and this stage-1 model)."""
+        if not path.exists():
+            return False
+        _, meta = load_checkpoint(path)
+        if "stage1_hash" in meta and (not self.dir.stage1.exists() or
+                                      meta["stage1_hash"] != file_sha256(self.dir.stage1)):
+            return False
+        return meta.get("config") == self.cfg.subset(keys)
 
     # -- evaluation -------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, Any]:
-        baseline, _ = self.load_stage1()
-        impactx = self.load_stage2()
-        _, meta1 = load_checkpoint(self.dir.stage1)
-        _, meta2 = load_checkpoint(self.dir.stage2)
-        test = self.test_data
-        result = {
-            "baseline_test_accuracy": accuracy(eval_mode(baseline), test, device=self.device),
-            "impactx_test_accuracy": accuracy(eval_mode(impactx), test, device=self.device),
-            "baseline_val_accuracy": meta1["val_accuracy"],
-            "impactx_val_accuracy": meta2["val_accuracy"],
-            "hyperparameters": self.cfg.to_dict(),
-            "num_train": len(self.train_data), "num_test": len(test),
-            "timings_s": self.record_timings(stage1=meta1["seconds"], stage2=meta2["seconds"]),
-            "device": str(self.device),
-        }
+    def evaluate(self, morf: bool = False, morf_images: int = 100) -> dict[str, Any]:
+        """Test accuracy of every method trained in this directory; MoRF/AOPC with ``morf``."""
+        spec, test = self.backbone_spec(), self.test_data
+        loaders = {"baseline": (self.dir.stage1, load_backbone),
+                   "impactx": (self.dir.stage2, load_impactx),
+                   "abn": (self.dir.abn, load_abn), "wae": (self.dir.wae, load_wae)}
+        result: dict[str, Any] = {"hyperparameters": self.cfg.to_dict(),
+                                  "num_train": len(self.train_data), "num_test": len(test),
+                                  "device": str(self.device)}
+        models: dict[str, torch.nn.Module] = {}
+        seconds: dict[str, float] = {}
+        for method, (path, load) in loaders.items():
+            if method != "baseline" and not path.exists():
+                continue
+            models[method] = load(path, **spec).to(self.device).eval()
+            _, meta = load_checkpoint(path)
+            result[f"{method}_val_accuracy"] = meta["val_accuracy"]
+            result[f"{method}_test_accuracy"] = accuracy(eval_mode(models[method]), test,
+                                                         device=self.device)
+            seconds[method] = meta["seconds"]
+        if morf:
+            if "impactx" not in models:
+                raise UserError(f"--morf needs IMPACTX: {self.dir.stage2} does not exist")
+            curves, maps, x, y = morf_comparison(
+                models["impactx"], test, abn=models.get("abn"), n=morf_images,
+                seed=self.cfg.seed, max_evals=self.cfg.max_evals, masker=self.cfg.masker,
+                shap_batch_size=self.cfg.shap_batch_size, device=self.device,
+                progress=self.progress)
+            result["morf"] = write_morf(self.dir.root / "morf", curves, maps, x, y, test.classes)
+        elif self.dir.result.exists():  # keep an earlier MoRF evaluation in the result
+            previous = read_json(self.dir.result)
+            if "morf" in previous:
+                result["morf"] = previous["morf"]
+        result["timings_s"] = self.record_timings(**seconds)
         write_json(self.dir.result, result)
         return result
 
     # -- everything -------------------------------------------------------------------------------
-    def run_all(self, workers: int | None = None) -> dict[str, Any]:
+    def run_all(self, workers: int | None = None,
+                methods: tuple[str, ...] = ("impactx",)) -> dict[str, Any]:
+        """Stage 1 (the baseline) and every step ``methods`` need; reuses finished steps."""
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise UserError(f"unknown --method {unknown[0]!r}; use {', '.join(METHODS)}")
         self.check_compatible()
         self._load()  # missing data fails here, before anything is written
         self.save_config()
-        if self.stage1_done():
-            self.say(f"stage 1: reusing {self.dir.stage1}")
-        else:
-            self.timed("stage1_wall", self.stage1)
-        self.explain(workers=workers)
-        if self.stage2_done():
-            self.say(f"stage 2: reusing {self.dir.stage2}")
-        else:
-            self.timed("stage2_wall", self.stage2)
+        self.step("stage 1", self.dir.stage1, STAGE1_KEYS, self.stage1)
+        if {"impactx", "wae"} & set(methods):
+            self.explain(workers=workers)
+        if "impactx" in methods:
+            self.step("stage 2", self.dir.stage2, STAGE1_KEYS + EXPLAIN_KEYS + STAGE2_KEYS,
+                      self.stage2)
+        if "abn" in methods:
+            self.step("ABN", self.dir.abn, STAGE1_KEYS, self.train_abn)
+        if "wae" in methods:
+            self.step("WAE", self.dir.wae, STAGE1_KEYS + EXPLAIN_KEYS + ("stage2_epochs",
+                                                                         "stage2_lr"),
+                      self.train_wae)
         return self.evaluate()
+
+    def step(self, name: str, path: Path, keys: tuple[str, ...], train) -> None:
+        if self.done(path, keys):
+            self.say(f"{name}: reusing {path}")
+        else:
+            self.timed(f"{name.replace(' ', '')}_wall", train)
 
     def record_timings(self, **extra: float) -> dict[str, float]:
         """Merge this process's timings into ``timings.json`` (steps may run in separate commands)."""

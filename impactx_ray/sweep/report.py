@@ -1,33 +1,71 @@
-"""The sweep's summary: the paper's Table 2 layout (test accuracy of A and IMPACTX per cell) with
-the winning hyperparameters, as Markdown and CSV."""
+"""The summary report: test accuracy per cell for baseline A, IMPACTX, ABN and WAE beside the
+paper's published Table 2, the winning hyperparameters, and an AOPC table per method.
+
+Rows come from a run directory (``result.json``) or a sweep directory (``cells/*/result.json``).
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
-COLUMNS = [("model", "model"), ("dataset", "dataset"),
-           ("baseline_test_accuracy", "baseline (A)"), ("impactx_test_accuracy", "IMPACTX"),
-           ("batch_size", "batch size"), ("lr", "lr"), ("val_fraction", "val. fraction"),
-           ("lam", "λ"), ("stage1_failed", "failed stage-1 trials"),
-           ("stage2_failed", "failed stage-2 trials")]
+from impactx_ray.errors import UserError
+from impactx_ray.eval.compare import METHODS, PAPER_TABLE2
+
+TITLES = {"baseline": "baseline (A)", "impactx": "IMPACTX", "abn": "ABN", "wae": "WAE"}
+HYPER = ("batch_size", "lr", "val_fraction", "lam")
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.4f}" if value < 1 else f"{value:g}"
-    return str(value)
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "–"
+
+
+def _row_from_result(result: dict[str, Any]) -> dict[str, Any]:
+    """A run directory's ``result.json`` as a summary row."""
+    hp = result.get("hyperparameters", {})
+    row = {"model": hp.get("model"), "dataset": hp.get("dataset"), **{k: hp.get(k) for k in HYPER}}
+    row.update({k: v for k, v in result.items() if k.endswith("_accuracy")})
+    if "morf" in result:
+        row["aopc"] = result["morf"]["aopc"]
+    return row
+
+
+def collect_rows(out: Path) -> list[dict[str, Any]]:
+    if (out / "result.json").exists():
+        return [_row_from_result(json.loads((out / "result.json").read_text()))]
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/result.json"))]
+    if not rows:
+        raise UserError(f"{out} holds neither result.json (a run) nor cells/*/result.json "
+                        "(a sweep); run `impactx run` or sweeps/full_grid.py first")
+    return rows
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_fmt(row.get(key, "")) for key, _ in COLUMNS) + " |"
-            for row in rows]
-    return "\n".join(["# IMPACTX sweep: test accuracy per cell (paper Table 2 layout)", "",
-                      "Winners selected by validation accuracy; test accuracy never used for "
-                      "selection.", "", header, rule, *body]) + "\n"
+    acc_head = [TITLES[m] for m in METHODS] + [f"paper {TITLES[m]}" for m in METHODS]
+    head = ["model", "dataset", *acc_head, "batch size", "lr", "val. fraction", "λ"]
+    lines = ["# IMPACTX: test accuracy (%) per cell, beside the paper's Table 2", "",
+             "Winners selected by validation accuracy; test accuracy is never used for selection. "
+             "`–`: not trained here, or not in the paper.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        paper = PAPER_TABLE2.get((r.get("dataset"), r.get("model")), {})
+        cells = [str(r.get("model")), str(r.get("dataset"))]
+        cells += [_pct(r.get(f"{m}_test_accuracy")) for m in METHODS]
+        cells += [f"{paper[m]:.2f}" if m in paper else "–" for m in METHODS]
+        cells += [str(r.get(k, "–")) if r.get(k) is not None else "–" for k in HYPER]
+        lines.append("| " + " | ".join(cells) + " |")
+    with_morf = [r for r in rows if r.get("aopc")]
+    if with_morf:
+        methods = list(dict.fromkeys(m for r in with_morf for m in r["aopc"]))
+        lines += ["", "## MoRF: AOPC per method (higher: the map finds the evidence faster)", "",
+                  "| model | dataset | " + " | ".join(methods) + " |",
+                  "|" + "|".join("---" for _ in range(len(methods) + 2)) + "|"]
+        for r in with_morf:
+            vals = [f"{r['aopc'][m]:.4f}" if m in r["aopc"] else "–" for m in methods]
+            lines.append(f"| {r['model']} | {r['dataset']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_summary(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -35,10 +73,21 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     md, csv_path = out / "summary.md", out / "summary.csv"
     text = summary_markdown(rows)
     md.write_text(text)
-    keys = [k for k, _ in COLUMNS] + sorted({k for r in rows for k in r} - {k for k, _ in COLUMNS})
+    flat = []
+    for r in rows:
+        paper = PAPER_TABLE2.get((r.get("dataset"), r.get("model")), {})
+        flat.append({**{k: v for k, v in r.items() if k != "aopc"},
+                     **{f"aopc_{m}": v for m, v in (r.get("aopc") or {}).items()},
+                     **{f"paper_{m}_test_accuracy": paper[m] / 100 for m in paper}})
+    keys = list(dict.fromkeys(k for r in flat for k in r))
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(flat)
     print(text, flush=True)
     return [md, csv_path]
+
+
+def report(out: Path) -> list[Path]:
+    """``impactx report --out DIR``: the summary of a run or sweep directory."""
+    return write_summary(out, collect_rows(out))

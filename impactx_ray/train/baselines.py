@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,9 +23,11 @@ from tqdm.auto import tqdm
 
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData
-from impactx_ray.models import Backbone, default_pretrained
+from impactx_ray.errors import UserError
+from impactx_ray.models import Backbone, create_backbone, default_pretrained
 from impactx_ray.models.abn import ABN, abn_loss, create_abn
 from impactx_ray.models.wae import WAE, class_mean_maps
+from impactx_ray.train.checkpoint import check_meta, load_checkpoint
 from impactx_ray.train.loop import (accuracy, check_finite, eval_mode, index_batches, num_batches,
                                     seed_everything)
 from impactx_ray.train.stage1 import EpochCallback, StageResult
@@ -122,3 +125,33 @@ def train_wae(cfg: RunConfig, backbone: Backbone, train: ImageData, maps: np.nda
     return _fit("WAE", model, _wae_step, params, lr=cfg.lr2, epochs=cfg.epochs2,
                 batch_size=cfg.batch_size, generator=generator, train=train, train_idx=train_idx,
                 val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress)
+
+
+def load_abn(path: str | Path, *, model: str, num_classes: int,
+             input_size: int | None = None) -> ABN:
+    """An ABN checkpoint as a ready model; UserError if unreadable or of another model."""
+    state, meta = load_checkpoint(path)
+    check_meta(path, meta, {"kind": "abn", "model": model, "num_classes": num_classes})
+    abn = create_abn(model, num_classes, pretrained=False, input_size=input_size)
+    _load_state(abn, state, path, "ABN")
+    return abn.eval()
+
+
+def load_wae(path: str | Path, *, model: str, num_classes: int,
+             input_size: int | None = None) -> WAE:
+    """A WAE checkpoint as a ready model; UserError if unreadable or of another model."""
+    state, meta = load_checkpoint(path)
+    check_meta(path, meta, {"kind": "wae", "model": model, "num_classes": num_classes})
+    backbone = create_backbone(model, num_classes, pretrained=False, input_size=input_size)
+    wae = WAE.from_backbone(backbone, torch.zeros(num_classes, meta["channels"],
+                                                  *meta["image_size"]))
+    _load_state(wae, state, path, "WAE")
+    return wae.eval()
+
+
+def _load_state(model: nn.Module, state: dict, path: str | Path, what: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit this {what}: "
+                        f"{str(e).splitlines()[0][:160]}") from None
