@@ -19,7 +19,8 @@ from impactx_ray.cli import _Parser
 from impactx_ray.errors import UserError
 from impactx_ray.sweep.spaces import DATASETS, MODELS, cells, plan
 
-SMOKE = {"models": ["lenet5"], "datasets": ["digits"], "epochs": 3, "max_evals": 100}
+SMOKE = {"models": ["lenet5"], "datasets": ["digits"], "epochs": 3, "max_evals": 100,
+         "morf_images": 50}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +43,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--map-workers", type=int, help="SHAP map workers (default: one per GPU, "
                    "else one per CPU)")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial")
+    p.add_argument("--morf-images", type=int, help="test images for the MoRF comparison "
+                   "(default 200; smoke 50; 0 skips it)")
     p.add_argument("--data-root", default="./data")
     p.add_argument("--download", action="store_true", help="download missing datasets")
     p.add_argument("--seed", type=int, default=0)
@@ -72,10 +75,11 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
 
     epochs = default(args.epochs, SMOKE["epochs"], 30)
     max_evals = default(args.max_evals, SMOKE["max_evals"], 2000)
+    morf_images = default(args.morf_images, SMOKE["morf_images"], 200)
     opts = options_from(  # validates every value before Ray starts
         args.out, cell_list, smoke=args.smoke, full_stage2=args.stage2_space == "full",
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial or 0.0,
-        map_workers=args.map_workers, max_failures=args.max_failures,
+        map_workers=args.map_workers, max_failures=args.max_failures, morf_images=morf_images,
         epochs=epochs, stage2_epochs=args.stage2_epochs, max_evals=max_evals,
         data_root=str(Path(args.data_root).resolve()), download=args.download, seed=args.seed)
     from impactx_ray.data import load_dataset
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
     print(f"summary: {args.out / 'summary.md'}")
     print(f"compare the trials: mlflow ui --backend-store-uri {uri}"
           if uri.startswith("sqlite") else f"MLflow: {uri}")
-    failed = sum(r["stage1_failed"] + r["stage2_failed"] for r in rows)
+    failed = sum(r["stage1_failed"] + r["stage2_failed"] + r["comparison_failed"] for r in rows)
     if failed:
         print(f"{failed} trials failed; see the FAILED runs in MLflow", file=sys.stderr)
     return 0

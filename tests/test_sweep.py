@@ -128,7 +128,16 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
             "where t.key = 'impactx.key' and t.value = ?", (key,)).fetchall())
         assert {"batch_size", "lr", "val_fraction", "lam"} <= set(params)
     summary = (out / "summary.md").read_text()
-    assert "| lenet5 | digits |" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| lenet5 | digits |"))
+    accuracies = row.split("|")[3:7]  # baseline, IMPACTX, ABN, WAE: all four trained
+    assert all(0 < float(a) <= 100 for a in accuracies), row
+    assert "AOPC" in summary and "SHAP of IMPACTX" in summary and "random" in summary
+    figures = out / "cells" / "lenet5-digits" / "morf"
+    assert (figures / "examples.png").stat().st_size > 0
+    assert (figures / "morf_mean.png").stat().st_size > 0
+    logged = {p.name for p in (out / "mlartifacts").rglob("*.png")}
+    assert {"examples.png", "morf_mean.png"} <= logged, "figures missing from MLflow"
+    assert not (ROOT / "mlruns").exists(), "MLflow wrote artifacts into the working directory"
 
 
 @pytest.mark.slow

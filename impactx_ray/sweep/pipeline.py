@@ -1,8 +1,9 @@
 """The paper's experiment on Ray Tune: per (model, dataset) cell, the Table 1 grid for stage 1,
-SHAP maps of the winner over Ray workers, the λ grid for stage 2, test accuracies of the winners.
+SHAP maps of the winner over Ray workers, the λ grid for stage 2, ABN and WAE with the stage-1
+winner's hyperparameters, test accuracies of the winners and MoRF curves of the maps.
 
-Layout of ``<out>``: ``tune/<cell>-stage{1,2}/`` (Tune experiments, restorable),
-``cells/<cell>/maps/<key>/`` (the winner's map store), ``mlflow.db`` (embedded tracking, unless
+Layout of ``<out>``: ``tune/<cell>-{stage1,stage2,comparison}/`` (Tune experiments, restorable),
+``cells/<cell>/maps/<key>/`` (the winner's map store), ``cells/<cell>/{result.json,morf/}``, ``mlflow.db`` (embedded tracking, unless
 ``MLFLOW_TRACKING_URI``), ``summary.{md,csv}``. Rerunning the same command resumes: finished
 Tune experiments are restored (finished trials are not rerun), the map store resumes by shard,
 and MLflow runs are found again by key instead of duplicated.
@@ -11,6 +12,7 @@ and MLflow runs are found again by key instead of duplicated.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,8 +26,10 @@ from impactx_ray.errors import UserError
 from impactx_ray.explain import MapStore, default_masker, file_sha256, make_meta
 from impactx_ray.sweep.report import write_summary
 from impactx_ray.sweep.spaces import STAGE1_KEYS, STAGE2_KEYS, Cell, Space, stage1_space, stage2_space
-from impactx_ray.sweep.tracking import MLflowTrialLogger, Tracker, tracking_uri
-from impactx_ray.sweep.trainables import (CPUS, MAPS, STAGE1_CHECKPOINT, stage1_trainable,
+from impactx_ray.sweep.tracking import (MLflowTrialLogger, Tracker, artifact_location,
+                                       tracking_uri)
+from impactx_ray.sweep.trainables import (CPUS, MAPS, METHOD, STAGE1_CHECKPOINT,
+                                          comparison_trainable, stage1_trainable,
                                           stage2_trainable)
 from impactx_ray.train.checkpoint import load_checkpoint
 from impactx_ray.train.stage1 import load_backbone
@@ -44,17 +48,18 @@ class SweepOptions:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     map_workers: int | None = None        # None: one per GPU in the cluster, else one per CPU
+    morf_images: int = 200                # test images for MoRF (0: skip MoRF)
     max_failures: int = 0
     log: Callable[[str], None] = field(default=print)
 
 
-def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: int, parent: str,
+def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, parent: str,
               trainable: Callable, space: Space, base: dict[str, Any]) -> tuple[Any, str]:
     """Run (or restore and finish) one stage's Tune grid; returns (ResultGrid, stage run id)."""
-    key = f"{cell.name}/stage{stage}"
-    stage_run = tracker.run(key, f"{cell.name} stage {stage}", parent=parent)
+    key = f"{cell.name}/{stage}"
+    stage_run = tracker.run(key, f"{cell.name} {stage}", parent=parent)
     storage = (opts.out / "tune").resolve()
-    path = storage / f"{cell.name}-stage{stage}"
+    path = storage / f"{cell.name}-{stage}"
     resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
     trainable = tune.with_resources(trainable, resources)
     if tune.Tuner.can_restore(path):
@@ -130,7 +135,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
                  image_size=base.image_size)  # missing data fails here, once, before any trial
     base_dict = {**base.to_dict(), "download": False}
 
-    s1, s1_run = run_stage(opts, tracker, cell, 1, cell_run, stage1_trainable,
+    s1, s1_run = run_stage(opts, tracker, cell, "stage1", cell_run, stage1_trainable,
                            stage1_space(opts.smoke), base_dict)
     p1, m1, ckpt1 = best(s1, STAGE1_KEYS)
     opts.log(f"{cell.name} stage 1 winner: {p1} val acc {m1[METRIC]:.4f} "
@@ -144,7 +149,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
 
     space2 = stage2_space(opts.smoke, opts.full_stage2, winner=p1)
     s2_base = {**base_dict, **p1, STAGE1_CHECKPOINT: str(ckpt1), MAPS: str(maps)}
-    s2, s2_run = run_stage(opts, tracker, cell, 2, cell_run, stage2_trainable, space2, s2_base)
+    s2, s2_run = run_stage(opts, tracker, cell, "stage2", cell_run, stage2_trainable, space2, s2_base)
     p2, m2, ckpt2 = best(s2, tuple(space2.grid))
     opts.log(f"{cell.name} stage 2 winner: {p2} val acc {m2[METRIC]:.4f} "
              f"test acc {m2['test_accuracy']:.4f}")
@@ -152,20 +157,64 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
                                                      num_classes=meta1["num_classes"],
                                                      input_size=base.input_size))
 
+    # ABN and WAE with the stage-1 winner's hyperparameters (WAE reads the same map store).
+    s3, s3_run = run_stage(opts, tracker, cell, "comparison", cell_run, comparison_trainable,
+                           Space({**{k: (v,) for k, v in p1.items()}, METHOD: ("abn", "wae")}),
+                           {**base_dict, STAGE1_CHECKPOINT: str(ckpt1), MAPS: str(maps)})
+    others = {r.config[METHOD]: r for r in s3 if r.error is None and r.checkpoint is not None}
+    tracker.metrics(s3_run, {f"{m}_test_accuracy": r.metrics["test_accuracy"]
+                             for m, r in others.items()})
+    tracker.finish(s3_run)
+
     row = {"model": cell.model, "dataset": cell.dataset,
            "baseline_test_accuracy": m1["test_accuracy"], "impactx_test_accuracy": m2["test_accuracy"],
+           **{f"{m}_test_accuracy": r.metrics["test_accuracy"] for m, r in others.items()},
            "baseline_val_accuracy": m1[METRIC], "impactx_val_accuracy": m2[METRIC],
            **{k: p1[k] for k in STAGE1_KEYS}, "lam": p2.get("lam"),
-           "stage1_failed": len(s1.errors), "stage2_failed": len(s2.errors)}
+           "stage1_failed": len(s1.errors), "stage2_failed": len(s2.errors),
+           "comparison_failed": len(s3.errors)}
+    if opts.morf_images:
+        row["aopc"] = morf_for_cell(opts, tracker, cell, cell_run, base, meta1["num_classes"],
+                                    ckpt2, others.get("abn"))
     tracker.params(cell_run, {k: row[k] for k in (*STAGE1_KEYS, *STAGE2_KEYS)})
     tracker.metrics(cell_run, {k: v for k, v in row.items() if k.endswith("accuracy")})
+    tracker.metrics(cell_run, {f"aopc_{m.replace(' ', '_')}": v
+                               for m, v in (row.get("aopc") or {}).items()})
     tracker.finish(cell_run)
+    cell_dir = opts.out / "cells" / cell.name
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    (cell_dir / "result.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
+
+
+def morf_for_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, cell_run: str,
+                  cfg: RunConfig, num_classes: int, impactx_ckpt: Path,
+                  abn_result: Any | None) -> dict[str, float]:
+    """MoRF of IMPACTX's maps, SHAP of IMPACTX, ABN and random on test images; figures logged."""
+    import torch
+
+    from impactx_ray.eval.compare import morf_comparison, write_morf
+    from impactx_ray.train.baselines import load_abn
+
+    spec = {"model": cell.model, "num_classes": num_classes, "input_size": cfg.input_size}
+    _, test = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    abn = (load_abn(Path(abn_result.checkpoint.path) / "model.pt", **spec)
+           if abn_result is not None else None)
+    curves, maps, x, y = morf_comparison(load_impactx(impactx_ckpt, **spec), test, abn=abn,
+                                         n=opts.morf_images, seed=cfg.seed,
+                                         max_evals=cfg.max_evals, masker=cfg.masker,
+                                         shap_batch_size=cfg.shap_batch_size, device=device)
+    summary = write_morf(opts.out / "cells" / cell.name / "morf", curves, maps, x, y,
+                         test.classes)
+    for figure in summary["figures"]:
+        tracker.artifact(cell_run, figure, "figures")
+    return summary["aopc"]
 
 
 def run_sweep(opts: SweepOptions) -> list[dict[str, Any]]:
     opts.out.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(tracking_uri(opts.out))
+    tracker = Tracker(tracking_uri(opts.out), artifact_location=artifact_location(opts.out))
     sweep_run = tracker.run("sweep", f"sweep {opts.out.resolve().name}")
     tracker.params(sweep_run, {"smoke": opts.smoke, "full_stage2": opts.full_stage2,
                                "cells": ",".join(c.name for c in opts.cells),
@@ -187,7 +236,8 @@ def options_from(out: Path, cells: list[Cell], **kw: Any) -> SweepOptions:
     for flag, key, minimum in (("--cpus-per-trial", "cpus_per_trial", 1e-9),
                                ("--gpus-per-trial", "gpus_per_trial", 0.0),
                                ("--map-workers", "map_workers", 1),
-                               ("--max-failures", "max_failures", 0)):
+                               ("--max-failures", "max_failures", 0),
+                               ("--morf-images", "morf_images", 0)):
         value = kw.get(key)
         if value is not None and value < minimum:
             raise UserError(f"{flag} must be >= {minimum:g}, got {value!r}")

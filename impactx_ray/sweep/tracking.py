@@ -32,25 +32,34 @@ def tracking_uri(out: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out).resolve()}/mlflow.db"
 
 
+def artifact_location(out: str | Path) -> str | None:
+    """With the embedded store, artifacts go beside it in ``<out>/mlartifacts`` (MLflow's
+    default, ``./mlruns``, would follow the driver's working directory); a server decides itself."""
+    return None if os.environ.get("MLFLOW_TRACKING_URI") else (
+        (Path(out) / "mlartifacts").resolve().as_uri())
+
+
 class Tracker:
     """Get-or-create runs by key and log to them, without MLflow's global active-run state."""
 
-    def __init__(self, uri: str, experiment: str = EXPERIMENT) -> None:
-        self.uri, self.experiment = uri, experiment
+    def __init__(self, uri: str, experiment: str = EXPERIMENT,
+                 artifact_location: str | None = None) -> None:
+        self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its experiment state
         return {"uri": self.uri, "experiment": self.experiment, "_client": None,
-                "_experiment_id": None}
+                "_experiment_id": None, "artifact_location": self.artifact_location}
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.uri)
             exp = self._client.get_experiment_by_name(self.experiment)
-            self._experiment_id = (exp.experiment_id if exp is not None
-                                   else self._client.create_experiment(self.experiment))
+            self._experiment_id = (exp.experiment_id if exp is not None else
+                                   self._client.create_experiment(
+                                       self.experiment, artifact_location=self.artifact_location))
         return self._client
 
     def run(self, key: str, name: str, parent: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Thin Tune trainables around the pure training functions.
+"""Thin Tune trainables around the pure training functions (stage 1, stage 2, ABN/WAE).
 
 A trial's ``config`` is a flat dict: every ``RunConfig`` field, plus (stage 2) the paths of the
 stage-1 winner's checkpoint and its map store. Each epoch is reported to Tune; the last report
@@ -23,8 +23,8 @@ from impactx_ray.train.loop import accuracy, eval_mode, resolve_device
 from impactx_ray.train.stage1 import StageResult, load_backbone
 
 # Trial config entries that are not RunConfig fields.
-STAGE1_CHECKPOINT, MAPS, CPUS = "stage1_checkpoint", "maps", "cpus_per_trial"
-EXTRA_KEYS = (STAGE1_CHECKPOINT, MAPS, CPUS)
+STAGE1_CHECKPOINT, MAPS, CPUS, METHOD = "stage1_checkpoint", "maps", "cpus_per_trial", "method"
+EXTRA_KEYS = (STAGE1_CHECKPOINT, MAPS, CPUS, METHOD)
 
 
 def run_config(config: dict[str, Any]) -> RunConfig:
@@ -87,4 +87,27 @@ def stage2_trainable(config: dict[str, Any]) -> None:
             "stage1_hash": file_sha256(ckpt), "image_size": list(train.image_size),
             "channels": int(maps.shape[-1]),
             "config": cfg.subset(STAGE1_KEYS + EXPLAIN_KEYS + STAGE2_KEYS)}
+    _final_report(result, test_acc, meta)
+
+
+def comparison_trainable(config: dict[str, Any]) -> None:
+    """ABN or WAE (``config["method"]``) with the stage-1 winner's hyperparameters."""
+    from impactx_ray.train.baselines import train_abn, train_wae
+
+    method = config[METHOD]
+    cfg, device, train, test, tr, va = _setup(config)
+    meta = {"kind": method, "model": cfg.model, "num_classes": train.num_classes}
+    if method == "abn":
+        result = train_abn(cfg, train, tr, va, device=device,
+                           on_epoch=_report_epoch(cfg.epochs), progress=False)
+    else:
+        ckpt = Path(config[STAGE1_CHECKPOINT])
+        backbone = load_backbone(ckpt, model=cfg.model, num_classes=train.num_classes,
+                                 input_size=cfg.input_size).to(device)
+        maps = load_maps(config[MAPS])
+        result = train_wae(cfg, backbone, train, maps, tr, va, device=device,
+                           on_epoch=_report_epoch(cfg.epochs2), progress=False)
+        meta.update(stage1_hash=file_sha256(ckpt), image_size=list(train.image_size),
+                    channels=int(maps.shape[-1]))
+    test_acc = accuracy(eval_mode(result.model), test, device=device)
     _final_report(result, test_acc, meta)
