@@ -189,7 +189,7 @@ class Run:
         todo = sum(b - a for a, b in map(store.shard_range, store.missing_shards()))
         settings = {"max_evals": meta["max_evals"], "masker": meta["masker"],
                     "batch_size": meta["batch_size"], "seed": meta["seed"],
-                    "progress": self.progress}
+                    "engine": meta["engine"], "progress": self.progress}
         start = time.perf_counter()
         if workers is None:
             compute_store(store, model, data.float_images(), data.labels, **settings)

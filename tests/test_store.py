@@ -80,7 +80,7 @@ def test_write_load_round_trip_in_order(tmp_path: Path, data) -> None:
     for f in (tmp_path / "s").glob("shard-*.npy"):
         np.load(f, allow_pickle=False)  # plain arrays: no pickle needed
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["meta"]["engine"] == "shap" and manifest["meta"]["shap_version"]
+    assert manifest["meta"]["engine"] == "batched" and manifest["meta"]["shap_version"]
     assert {"checkpoint_hash", "data_fingerprint", "masker", "max_evals", "batch_size"} <= set(manifest["meta"])
     sidecar = json.loads((tmp_path / "s" / "shard-00001.json").read_text())
     assert sidecar["sha256"] == file_sha256(tmp_path / "s" / "shard-00001.npy") and sidecar["start"] == 2

@@ -31,7 +31,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from tqdm.auto import tqdm
 
 from impactx_ray.errors import UserError
-from impactx_ray.explain.shap_maps import (TrueClassExplainer, check_images, default_masker,
+from impactx_ray.explain.shap_maps import (DEFAULT_ENGINE, TrueClassExplainer, check_images, default_masker,
                                            labels_array, to_hwc)
 from impactx_ray.explain.store import MapStore, check_fits, check_settings
 
@@ -79,18 +79,14 @@ class MapWorker:
         self._data(data_refs)
         c = self.images.shape[-1]
         TrueClassExplainer(self.model, (c, *self.images.shape[1:3]), max_evals=32,
-                           masker=self.explainer.masker).explain(self.images[0], 0)
+                           masker=self.explainer.masker, engine=self.explainer.engine).explain(self.images[0], 0)
         return os.getpid()
 
     def explain_shard(self, shard: int, start: int, stop: int,
                       data_refs: list[ray.ObjectRef]) -> tuple[int, np.ndarray]:
         """Maps of samples [start, stop), returned with their shard index."""
         self._data(data_refs)
-        maps = np.empty((stop - start, *self.images.shape[1:]), dtype=np.float32)
-        with torch.no_grad():
-            for j in range(start, stop):
-                maps[j - start] = self.explainer.explain(self.images[j], int(self.labels[j]))
-        return shard, maps
+        return shard, self.explainer.explain_many(self.images[start:stop], self.labels[start:stop])
 
 
 class MapPool:
@@ -103,6 +99,7 @@ class MapPool:
     def __init__(self, build_model: ModelBuilder, images: torch.Tensor,
                  labels: torch.Tensor | np.ndarray | Sequence[int], *, workers: int,
                  max_evals: int, masker: str | None, batch_size: int, seed: int = 0,
+                 engine: str = DEFAULT_ENGINE, forward_batch: int | None = None,
                  gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
                  torch_threads: int = 1, max_restarts: int = 3) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -111,7 +108,7 @@ class MapPool:
         n, c, h, w = images.shape
         self.images_shape, self.labels = (n, c, h, w), labels_array(labels, n)
         self.settings = {"masker": masker or default_masker(h, w), "max_evals": max_evals,
-                         "batch_size": batch_size, "seed": seed}
+                         "batch_size": batch_size, "seed": seed, "engine": engine}
         hwc = to_hwc(images)
         # Validate the settings and labels here, where an error can be a clean one-liner.
         explainer = TrueClassExplainer(build_model().eval(), (c, h, w), **self.settings)
@@ -126,7 +123,7 @@ class MapPool:
         actor_cls = ray.remote(MapWorker).options(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts,
             max_task_retries=max_restarts)
-        self.actors = [actor_cls.remote(build_model, self.settings, torch_threads)
+        self.actors = [actor_cls.remote(build_model, {**self.settings, "forward_batch": forward_batch}, torch_threads)
                        for _ in range(workers)]
 
     def wait_ready(self) -> list[int]:
@@ -207,7 +204,7 @@ def compute_store_ray(store: MapStore, build_model: ModelBuilder, images: torch.
     h, w = images.shape[-2:]
     check_settings(store, image_size=(h, w), **{k: pool_options.get(k) for k in
                                                 ("masker", "max_evals", "batch_size")},
-                   seed=pool_options.get("seed", 0))
+                   seed=pool_options.get("seed", 0), engine=pool_options.get("engine", DEFAULT_ENGINE))
     missing = store.missing_shards(verify=True)
     if not missing:
         return store

@@ -17,8 +17,11 @@ Why it looks the way it does (facts measured with shap 0.51, see DESIGN.md):
 Two engines compute the same maps. ``"batched"`` (the default, :mod:`impactx_ray.explain.batched`)
 replays shap's Partition recursion for many images in lockstep under the same per-image seeding
 and sends all their masked images through the model in large batches: shap's maps to
-floating-point precision, several times faster. ``"shap"`` calls ``shap.PartitionExplainer`` one
-image at a time and stays the reference.
+floating-point precision, 2.5-2.8x faster for LeNet-5 on one CPU thread (the model forward is then
+~80% of the time; benchmarks/shap_engine.py). ``"shap"`` calls ``shap.PartitionExplainer`` one
+image at a time and stays the reference. With the batched engine a map can depend on its batch
+only through the model's float rounding (some kernels round a batch of 8 differently from one of
+512); a given batch (a store shard) always gives the same bits.
 
 This module is plain PyTorch/NumPy + shap: no Ray, no MLflow.
 """
@@ -41,8 +44,6 @@ DEFAULT_MAX_EVALS = 2000
 #: ``"batched"``: shap's recursion for many images at once (the default); ``"shap"``: shap itself.
 ENGINES = ("batched", "shap")
 DEFAULT_ENGINE = "batched"
-#: Masked images per model call in the batched engine (bounded memory, large enough to amortise).
-DEFAULT_FORWARD_BATCH = 4096
 #: shap's Partition explainer accepts any max_evals (the 2 * features + 1 rule is the Permutation
 #: explainer's): it spends 2 on the unmasked and fully masked image, then 2 per split, so with
 #: max_evals <= 2 it silently returns a constant map (3 overshoots to 4). Ask for one split at least.
@@ -203,14 +204,15 @@ class TrueClassExplainer:
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         engine: str = "shap",
-        forward_batch: int = DEFAULT_FORWARD_BATCH,
+        forward_batch: int | None = None,
     ) -> None:
         c, h, w = image_shape
         self.masker = validate_masker(masker or default_masker(h, w))
         if isinstance(max_evals, bool) or not isinstance(max_evals, (int, np.integer)) or max_evals < MIN_MAX_EVALS:
             raise UserError(f"max_evals={max_evals!r} is invalid; use an int >= {MIN_MAX_EVALS} (the paper uses 2000)")
         _check_positive_int("batch_size", batch_size, "default 100")
-        _check_positive_int("forward_batch", forward_batch, f"default {DEFAULT_FORWARD_BATCH}")
+        if forward_batch is not None:
+            _check_positive_int("forward_batch", forward_batch, "or None: 512 on CPU, 4096 on CUDA")
         self.engine = check_engine(engine)
         self.model, self.max_evals, self.batch_size, self.seed = model, int(max_evals), int(batch_size), seed
         self.device, self.dtype = _model_device(model), dtype
@@ -220,7 +222,7 @@ class TrueClassExplainer:
         else:
             self.batched = BatchedPartition(
                 self.forward, (h, w, c), masker=self.masker, max_evals=self.max_evals,
-                batch_size=self.batch_size, seed=seed, forward_batch=int(forward_batch), device=self.device,
+                batch_size=self.batch_size, seed=seed, forward_batch=forward_batch, device=self.device,
             )
 
     def forward(self, x_nhwc: torch.Tensor) -> torch.Tensor:
@@ -294,7 +296,7 @@ def explain_true_class(
     seed: int = 0,
     torch_threads: int | None = 1,
     engine: str = DEFAULT_ENGINE,
-    forward_batch: int = DEFAULT_FORWARD_BATCH,
+    forward_batch: int | None = None,
 ) -> np.ndarray:
     """SHAP Partition maps of each image's true-class logit, float32 N x H x W x C.
 
@@ -304,7 +306,8 @@ def explain_true_class(
     ``torch_threads`` torch threads are used during the call (see :func:`torch_threads_ctx`; None keeps
     torch's setting, e.g. for a large model on CPU). ``engine`` is ``"batched"`` (default: all
     images in lockstep, ``forward_batch`` masked images per model call) or ``"shap"`` (shap's
-    explainer image by image, the reference); both give the same maps.
+    explainer image by image, the reference); both give the same maps. ``forward_batch=None`` lets
+    the engine choose (512 on CPU, 4096 on CUDA; see :func:`~impactx_ray.explain.batched.auto_forward_batch`).
     """
     check_images(images)
     n, c, h, w = images.shape
@@ -330,7 +333,7 @@ def explain_batch(
     masker: str | None = None,
     batch_size: int = 100,
     seed: int = 0,
-    forward_batch: int = DEFAULT_FORWARD_BATCH,
+    forward_batch: int | None = None,
     engine: str = DEFAULT_ENGINE,
     progress: bool = False,
 ) -> np.ndarray:

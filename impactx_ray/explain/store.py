@@ -45,7 +45,9 @@ from tqdm import tqdm
 
 from impactx_ray.errors import UserError
 from impactx_ray.explain.shap_maps import (
+    DEFAULT_ENGINE,
     TrueClassExplainer,
+    check_engine,
     check_images,
     default_masker,
     eval_mode,
@@ -83,7 +85,8 @@ def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | np.ndarray | S
 
 
 def make_meta(
-    *, checkpoint_hash: str, data_fingerprint: str, masker: str, max_evals: int, batch_size: int, seed: int = 0
+    *, checkpoint_hash: str, data_fingerprint: str, masker: str, max_evals: int, batch_size: int, seed: int = 0,
+    engine: str = DEFAULT_ENGINE,
 ) -> dict[str, Any]:
     """The full meta dict of a store computed by :func:`compute_store` with these settings."""
     return {
@@ -93,7 +96,7 @@ def make_meta(
         "max_evals": int(max_evals),
         "batch_size": int(batch_size),
         "seed": int(seed),
-        "engine": "shap",
+        "engine": check_engine(engine),
         "shap_version": shap.__version__,
     }
 
@@ -338,11 +341,11 @@ def check_fits(store: MapStore, images: torch.Tensor) -> tuple[int, int, int, in
 
 
 def check_settings(store: MapStore, *, masker: str | None, max_evals: int, batch_size: int,
-                   seed: int, image_size: tuple[int, int]) -> dict[str, Any]:
+                   seed: int, image_size: tuple[int, int], engine: str = DEFAULT_ENGINE) -> dict[str, Any]:
     """The explainer settings, checked against the store's meta (UserError on a difference)."""
     h, w = image_size
     settings = {"masker": masker or default_masker(h, w), "max_evals": max_evals,
-                "batch_size": batch_size, "seed": seed}
+                "batch_size": batch_size, "seed": seed, "engine": check_engine(engine)}
     for key, value in settings.items():
         if key in store.meta and store.meta[key] != value:
             raise UserError(
@@ -364,6 +367,8 @@ def compute_store(
     progress: bool = True,
     seed: int = 0,
     torch_threads: int | None = 1,
+    engine: str = DEFAULT_ENGINE,
+    forward_batch: int | None = None,
 ) -> MapStore:
     """Compute the store's missing shards with shap (true class), writing each as it finishes.
 
@@ -375,11 +380,11 @@ def compute_store(
     n, c, h, w = check_fits(store, images)
     y = labels_array(labels, n)
     settings = check_settings(store, masker=masker, max_evals=max_evals, batch_size=batch_size,
-                              seed=seed, image_size=(h, w))
+                              seed=seed, image_size=(h, w), engine=engine)
     missing = store.missing_shards(verify=True)
     if not missing:
         return store
-    ex = TrueClassExplainer(model, (c, h, w), dtype=images.dtype, **settings)
+    ex = TrueClassExplainer(model, (c, h, w), dtype=images.dtype, forward_batch=forward_batch, **settings)
     hwc = to_hwc(images)
     total = sum(b - a for a, b in map(store.shard_range, missing))
     bar = tqdm(total=total, unit="map", desc="SHAP maps", disable=not progress, dynamic_ncols=True)
@@ -387,9 +392,6 @@ def compute_store(
         ex.check_labels(hwc, y)
         for i in missing:
             start, stop = store.shard_range(i)
-            maps = np.empty((stop - start, h, w, c), dtype=np.float32)
-            for j in range(start, stop):
-                maps[j - start] = ex.explain(hwc[j], int(y[j]))
-                bar.update(1)
-            store.write_shard(i, maps)
+            store.write_shard(i, ex.explain_many(hwc[start:stop], y[start:stop]))
+            bar.update(stop - start)
     return store

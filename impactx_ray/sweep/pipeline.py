@@ -113,7 +113,8 @@ def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Pat
                     input_size=cfg.input_size)
     compute_store_ray(store, build, train.float_images(), train.labels, workers=workers,
                       max_evals=meta["max_evals"], masker=meta["masker"],
-                      batch_size=meta["batch_size"], seed=meta["seed"], gpus_per_worker=gpus,
+                      batch_size=meta["batch_size"], seed=meta["seed"], engine=meta["engine"],
+                      gpus_per_worker=gpus,
                       progress=True)
     return path.resolve()
 
