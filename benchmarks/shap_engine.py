@@ -102,7 +102,8 @@ def main() -> None:
     p.add_argument("--forward-batch", type=int, default=None,
                    help="masked images per model call (default: the engine's, 512 on CPU, 4096 on CUDA)")
     p.add_argument("--masker", default=None, help="default: blur a quarter of the image wide")
-    p.add_argument("--torch-threads", type=int, default=1, help="as explain_true_class (default 1)")
+    p.add_argument("--torch-threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads for both engines (default: torch's, all cores)")
     args = p.parse_args()
     device = torch.device(args.device)
     args.forward_batch = args.forward_batch or auto_forward_batch(device)

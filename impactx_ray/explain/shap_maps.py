@@ -294,7 +294,7 @@ def explain_true_class(
     batch_size: int = 100,
     progress: bool = True,
     seed: int = 0,
-    torch_threads: int | None = 1,
+    torch_threads: int | None = None,
     engine: str = DEFAULT_ENGINE,
     forward_batch: int | None = None,
 ) -> np.ndarray:
@@ -303,8 +303,9 @@ def explain_true_class(
     ``images`` is N x C x H x W exactly as ``model`` takes it; the maps are in shap's own layout
     (``.values[..., 0]``). The model runs in eval mode under ``torch.no_grad()``; its training
     flag is restored afterwards. ``seed`` seeds shap's random tie-breaking per image.
-    ``torch_threads`` torch threads are used during the call (see :func:`torch_threads_ctx`; None keeps
-    torch's setting, e.g. for a large model on CPU). ``engine`` is ``"batched"`` (default: all
+    ``torch_threads`` torch threads are used during the call (see :func:`torch_threads_ctx`); None
+    keeps torch's setting (all cores): the batched engine is bound by the model forward, which
+    uses them. Pass 1 for the shap engine on a busy machine, or one Ray worker per core. ``engine`` is ``"batched"`` (default: all
     images in lockstep, ``forward_batch`` masked images per model call) or ``"shap"`` (shap's
     explainer image by image, the reference); both give the same maps. ``forward_batch=None`` lets
     the engine choose (512 on CPU, 4096 on CUDA; see :func:`~impactx_ray.explain.batched.auto_forward_batch`).

@@ -366,7 +366,7 @@ def compute_store(
     batch_size: int,
     progress: bool = True,
     seed: int = 0,
-    torch_threads: int | None = 1,
+    torch_threads: int | None = None,
     engine: str = DEFAULT_ENGINE,
     forward_batch: int | None = None,
 ) -> MapStore:
