@@ -57,6 +57,7 @@ CONFIG_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-evals", "max_evals", int, "model evaluations per SHAP map (paper: 2000)"),
     ("--masker", "masker", str, "shap.maskers.Image mask value (default blur(H/4,W/4))"),
     ("--shap-batch-size", "shap_batch_size", int, "batch_size of shap's explainer call"),
+    ("--engine", "engine", str, "SHAP map engine: batched (default; exact, fast) or shap"),
     ("--seed", "seed", int, "seed of the split, initialisation and shuffling"),
     ("--pretrained", "pretrained", _bool, "true/false: start from pretrained weights (timm default: true)"),
     ("--weights", "weights", str, "local pretrained weights file (timm format)"),

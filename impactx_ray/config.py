@@ -18,7 +18,7 @@ from impactx_ray.errors import UserError
 STAGE1_KEYS = ("model", "dataset", "batch_size", "lr", "val_fraction", "epochs", "seed",
                "pretrained", "weights", "image_size", "input_size")
 # Keys that, on top of the stage-1 checkpoint, decide the SHAP maps.
-EXPLAIN_KEYS = ("max_evals", "masker", "shap_batch_size")
+EXPLAIN_KEYS = ("max_evals", "masker", "shap_batch_size", "engine")
 # Keys that decide stage 2.
 STAGE2_KEYS = ("lam", "stage2_epochs", "stage2_lr")
 
@@ -39,6 +39,7 @@ class RunConfig:
     max_evals: int = 2000             # shap Partition explainer budget per map (paper: 2000)
     masker: str | None = None         # shap.maskers.Image mask_value; None: blur(H//4,W//4)
     shap_batch_size: int = 100        # `batch_size` of shap's explainer call (maps depend on it)
+    engine: str = "batched"           # map engine: batched (exact, fast) or shap (the reference)
     seed: int = 0
     pretrained: bool | None = None    # None: the backbone's default (timm models: True)
     weights: str | None = None        # local pretrained weights file
@@ -66,6 +67,8 @@ class RunConfig:
             raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
         if not _is_number(self.lam) or not math.isfinite(self.lam) or self.lam < 0:
             raise UserError(f"--lambda must be a finite number >= 0, got {self.lam!r}")
+        if self.engine not in ("batched", "shap"):
+            raise UserError(f"--engine must be batched or shap, got {self.engine!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         # Names are checked against the registries lazily imported here to keep config import-light.

@@ -166,7 +166,7 @@ class Run:
                          data_fingerprint=dataset_fingerprint(self.train_data),
                          masker=validate_masker(self.cfg.masker or default_masker(h, w)),
                          max_evals=self.cfg.max_evals, batch_size=self.cfg.shap_batch_size,
-                         seed=self.cfg.seed)
+                         seed=self.cfg.seed, engine=self.cfg.engine)
 
     def map_store_path(self, meta: dict[str, Any]) -> Path:
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]

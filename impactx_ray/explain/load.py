@@ -25,7 +25,8 @@ def find_run_store(run_dir: str | Path, checkpoint_hash: str | None = None) -> M
             raise UserError(f"{stage1} does not exist; run stage 1 before looking for its maps")
         checkpoint_hash = file_sha256(stage1)
     wanted = {"checkpoint_hash": checkpoint_hash, "max_evals": cfg.get("max_evals"),
-              "batch_size": cfg.get("shap_batch_size"), "seed": cfg.get("seed")}
+              "batch_size": cfg.get("shap_batch_size"), "seed": cfg.get("seed"),
+              "engine": cfg.get("engine", "batched")}
     if cfg.get("masker"):
         wanted["masker"] = cfg["masker"]
     stores = [MapStore(p.parent) for p in sorted((run_dir / "maps").glob(f"*/{MANIFEST}"))]

@@ -100,7 +100,7 @@ def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Pat
     meta = make_meta(checkpoint_hash=file_sha256(checkpoint),
                      data_fingerprint=dataset_fingerprint(train),
                      masker=cfg.masker or default_masker(h, w), max_evals=cfg.max_evals,
-                     batch_size=cfg.shap_batch_size, seed=cfg.seed)
+                     batch_size=cfg.shap_batch_size, seed=cfg.seed, engine=cfg.engine)
     path = opts.out / "cells" / cell.name / "maps" / meta["checkpoint_hash"][:16]
     store = MapStore.create_or_open(path, meta=meta, num_maps=len(train),
                                     map_shape=(h, w, train.images.shape[1]))
