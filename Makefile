@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 # IMPACTX end to end on the embedded digits data: stage 1, SHAP maps, stage 2, both accuracies.
 quickstart: $(STAMP)
 	$(VENV)/bin/impactx run --model lenet5 --dataset digits --batch-size 32 --lr 0.0006 \
-	    --val-fraction 0.1 --lambda 0.6 --epochs 20 --max-evals 500 --out runs/quickstart
+	    --val-fraction 0.1 --lambda 0.6 --epochs 20 --max-evals 2000 --out runs/quickstart
 
 # The whole test suite, slow integration tests included.
 test: $(STAMP)
