@@ -11,29 +11,20 @@ Both select the epoch with the best validation accuracy (of the perception branc
 
 from __future__ import annotations
 
-import copy
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData
-from impactx_ray.errors import UserError
 from impactx_ray.models import Backbone, create_backbone, default_pretrained
 from impactx_ray.models.abn import ABN, abn_loss, create_abn
 from impactx_ray.models.wae import WAE, class_mean_maps
-from impactx_ray.train.checkpoint import check_meta, load_checkpoint
-from impactx_ray.train.loop import (accuracy, check_finite, eval_mode, index_batches, num_batches,
-                                    seed_everything)
-from impactx_ray.train.stage1 import EpochCallback, StageResult
+from impactx_ray.train.checkpoint import check_meta, load_checkpoint, load_into
+from impactx_ray.train.loop import EpochCallback, StageResult, fit, seed_everything
 
-# (model, x, y) -> (loss, {part name: value}) for one batch
-StepFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 
 
 def build_abn(cfg: RunConfig, num_classes: int) -> ABN:
@@ -42,55 +33,15 @@ def build_abn(cfg: RunConfig, num_classes: int) -> ABN:
                       input_size=cfg.input_size)
 
 
-def _fit(label: str, model: nn.Module, step: StepFn, params: list[nn.Parameter], *, lr: float,
-         epochs: int, batch_size: int, generator: torch.Generator, train: ImageData,
-         train_idx: Tensor, val_idx: Tensor, device: torch.device,
-         on_epoch: EpochCallback | None, progress: bool) -> StageResult:
-    """Adam over ``params``; keep the state with the best validation accuracy (earliest on ties)."""
-    optimizer = torch.optim.Adam(params, lr=lr)
-    best_state, best_acc, best_epoch, history = None, -1.0, 0, []
-    start = time.perf_counter()
-    steps = num_batches(len(train_idx), batch_size)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        sums: dict[str, float] = {}
-        seen = 0
-        bar = tqdm(index_batches(train_idx, batch_size, generator=generator), total=steps,
-                   desc=f"{label} epoch {epoch}/{epochs}", leave=False, disable=not progress)
-        for idx in bar:
-            x, y = train.float_images(idx).to(device), train.labels[idx].to(device)
-            loss, parts = step(model, x, y)
-            check_finite(loss, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", refresh=False)
-        val_acc = accuracy(eval_mode(model), train, device=device, indices=val_idx)
-        row = {"epoch": epoch, **{f"train_{k}": v / seen for k, v in sums.items()}, "val_accuracy": val_acc}
-        history.append(row)
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        if progress:
-            tqdm.write(f"{label} epoch {epoch}/{epochs}: loss {row['train_loss']:.4f}, "
-                       f"val acc {val_acc:.4f}{'  *best' if best_epoch == epoch else ''}")
-        if on_epoch is not None:
-            on_epoch(epoch, row)
-    model.load_state_dict(best_state)
-    model.eval()
-    return StageResult(model, best_epoch, best_acc, history, time.perf_counter() - start)
-
-
-def _abn_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def _abn_step(model: nn.Module, x: Tensor, y: Tensor, idx: Tensor
+              ) -> tuple[Tensor, dict[str, Tensor]]:
     logits, att_logits, _ = model(x)
     loss, ce_att, ce_per = abn_loss(logits, att_logits, y)
     return loss, {"ce_attention": ce_att, "ce_perception": ce_per}
 
 
-def _wae_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def _wae_step(model: nn.Module, x: Tensor, y: Tensor, idx: Tensor
+              ) -> tuple[Tensor, dict[str, Tensor]]:
     logits, _ = model(x)
     return torch.nn.functional.cross_entropy(logits, y), {}
 
@@ -104,7 +55,7 @@ def train_abn(cfg: RunConfig, train: ImageData, train_idx: Tensor, val_idx: Tens
     """
     generator = seed_everything(cfg.seed)
     model = build_abn(cfg, train.num_classes).to(device)
-    return _fit("ABN", model, _abn_step, list(model.parameters()), lr=cfg.lr, epochs=cfg.epochs,
+    return fit("ABN", model, _abn_step, list(model.parameters()), lr=cfg.lr, epochs=cfg.epochs,
                 batch_size=cfg.batch_size, generator=generator, train=train, train_idx=train_idx,
                 val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress)
 
@@ -122,7 +73,7 @@ def train_wae(cfg: RunConfig, backbone: Backbone, train: ImageData, maps: np.nda
     generator = seed_everything(cfg.seed)
     model = WAE.from_backbone(backbone, means).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    return _fit("WAE", model, _wae_step, params, lr=cfg.lr2, epochs=cfg.epochs2,
+    return fit("WAE", model, _wae_step, params, lr=cfg.lr2, epochs=cfg.epochs2,
                 batch_size=cfg.batch_size, generator=generator, train=train, train_idx=train_idx,
                 val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress)
 
@@ -133,8 +84,7 @@ def load_abn(path: str | Path, *, model: str, num_classes: int,
     state, meta = load_checkpoint(path)
     check_meta(path, meta, {"kind": "abn", "model": model, "num_classes": num_classes})
     abn = create_abn(model, num_classes, pretrained=False, input_size=input_size)
-    _load_state(abn, state, path, "ABN")
-    return abn.eval()
+    return load_into(abn, state, path, f"an ABN on {model}")
 
 
 def load_wae(path: str | Path, *, model: str, num_classes: int,
@@ -145,13 +95,4 @@ def load_wae(path: str | Path, *, model: str, num_classes: int,
     backbone = create_backbone(model, num_classes, pretrained=False, input_size=input_size)
     wae = WAE.from_backbone(backbone, torch.zeros(num_classes, meta["channels"],
                                                   *meta["image_size"]))
-    _load_state(wae, state, path, "WAE")
-    return wae.eval()
-
-
-def _load_state(model: nn.Module, state: dict, path: str | Path, what: str) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {path} does not fit this {what}: "
-                        f"{str(e).splitlines()[0][:160]}") from None
+    return load_into(wae, state, path, f"a WAE on {model}")

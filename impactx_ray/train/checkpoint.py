@@ -59,3 +59,14 @@ def check_meta(path: str | Path, meta: dict[str, Any], expected: dict[str, Any])
         if have != want:
             raise UserError(f"checkpoint {path} has {key}={have!r}, but this run needs "
                             f"{key}={want!r}; point at the matching checkpoint or redo the stage")
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+              what: str) -> torch.nn.Module:
+    """``model`` with ``state`` loaded, in eval mode; a mismatch is a one-line ``UserError``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit {what}: "
+                        f"{str(e).splitlines()[0][:160]}") from None
+    return model.eval()

@@ -7,11 +7,15 @@ from one seeded generator.
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from impactx_ray.data import ImageData
 
@@ -84,3 +88,70 @@ def check_finite(loss: Tensor, epoch: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; "
                                  "lower the learning rate")
+
+
+# (model, x, y, sample indices) -> (loss, {part name: value}) for one batch
+StepFn = Callable[[nn.Module, Tensor, Tensor, Tensor], "tuple[Tensor, dict[str, Tensor]]"]
+EpochCallback = Callable[[int, "dict[str, float]"], None]
+
+
+@dataclass
+class StageResult:
+    model: nn.Module
+    best_epoch: int
+    best_val_accuracy: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit(label: str, model: nn.Module, step: StepFn, params: list[nn.Parameter], *, lr: float,
+        epochs: int, batch_size: int, generator: torch.Generator, train: ImageData,
+        train_idx: Tensor, val_idx: Tensor, device: torch.device,
+        on_epoch: EpochCallback | None = None, progress: bool = True,
+        validate: Callable[[nn.Module], dict[str, float]] | None = None) -> StageResult:
+    """The epoch loop every method shares: Adam over ``params``, one ``step`` per batch, then
+    validation accuracy (plus ``validate(model)``'s metrics); keeps the state with the best
+    validation accuracy (the earliest on ties) and returns it loaded, in eval mode.
+
+    History rows: ``epoch``, ``train_loss``, ``train_<part>`` for each part ``step`` returns,
+    ``val_accuracy`` and the ``validate`` metrics.
+    """
+    optimizer = torch.optim.Adam(params, lr=lr)
+    best_state, best_acc, best_epoch, history = None, -1.0, 0, []
+    start = time.perf_counter()
+    steps = num_batches(len(train_idx), batch_size)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        sums: dict[str, float] = {}
+        seen = 0
+        bar = tqdm(index_batches(train_idx, batch_size, generator=generator), total=steps,
+                   desc=f"{label} epoch {epoch}/{epochs}", leave=False, disable=not progress)
+        for idx in bar:
+            x, y = train.float_images(idx).to(device), train.labels[idx].to(device)
+            loss, parts = step(model, x, y, idx)
+            check_finite(loss, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix({k: f"{v / seen:.4f}" for k, v in sums.items()}, refresh=False)
+        row = {"epoch": epoch, **{f"train_{k}": v / seen for k, v in sums.items()},
+               "val_accuracy": accuracy(eval_mode(model), train, device=device, indices=val_idx)}
+        if validate is not None:
+            row.update(validate(model))
+        history.append(row)
+        if row["val_accuracy"] > best_acc:
+            best_acc, best_epoch = row["val_accuracy"], epoch
+            best_state = copy.deepcopy(model.state_dict())
+        if progress:
+            shown = ", ".join(f"{k.replace('train_', '')} {v:.4f}" for k, v in row.items()
+                              if k != "epoch")
+            tqdm.write(f"{label} epoch {epoch}/{epochs}: {shown}"
+                       f"{'  *best' if best_epoch == epoch else ''}")
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    model.load_state_dict(best_state)
+    model.eval()
+    return StageResult(model, best_epoch, best_acc, history, time.perf_counter() - start)
