@@ -1,4 +1,5 @@
-"""Models: the backbone registry (LeNet-5, timm), and IMPACTX's LEP, decoder and assembly."""
+"""Models: the backbone registry (LeNet-5, timm), IMPACTX's LEP, decoder and assembly, and the
+comparison methods of the paper's §5: ABN (Fukui et al. 2019) and WAE (Apicella et al. 2023)."""
 
 from impactx_ray.models.registry import (
     BACKBONES,
@@ -12,13 +13,17 @@ from impactx_ray.models.registry import (
 )
 from impactx_ray.models import lenet5 as _lenet5  # noqa: F401  (registers "lenet5")
 from impactx_ray.models import timm_backbones as _timm_backbones  # noqa: F401  (registers the timm names)
+from impactx_ray.models.abn import ABN, ATTACH_POINTS, abn_loss, create_abn
 from impactx_ray.models.decoder import Decoder
 from impactx_ray.models.impactx import ImpactX
 from impactx_ray.models.lenet5 import LeNet5
 from impactx_ray.models.lep import LEP
 from impactx_ray.models.timm_backbones import TimmBackbone
+from impactx_ray.models.wae import WAE, class_mean_maps
 
 __all__ = [
+    "ABN",
+    "ATTACH_POINTS",
     "BACKBONES",
     "Backbone",
     "Decoder",
@@ -27,15 +32,13 @@ __all__ = [
     "LEP",
     "LeNet5",
     "TimmBackbone",
+    "WAE",
+    "abn_loss",
     "check_backbone_name",
+    "class_mean_maps",
+    "create_abn",
     "create_backbone",
     "default_pretrained",
     "list_backbones",
     "register_backbone",
 ]
-
-# Comparison methods (paper §5): ABN (Fukui et al. 2019) and WAE (Apicella et al. 2023).
-from impactx_ray.models.abn import ABN, ATTACH_POINTS, abn_loss, create_abn  # noqa: E402
-from impactx_ray.models.wae import WAE, class_mean_maps  # noqa: E402
-
-__all__ += ["ABN", "ATTACH_POINTS", "WAE", "abn_loss", "class_mean_maps", "create_abn"]
