@@ -21,7 +21,7 @@ from typing import Any, Callable
 from ray import tune
 
 from impactx_ray.config import RunConfig
-from impactx_ray.data import dataset_fingerprint, load_dataset
+from impactx_ray.data import ImageData, dataset_fingerprint, load_dataset
 from impactx_ray.errors import UserError
 from impactx_ray.explain import MapStore, default_masker, file_sha256, make_meta
 from impactx_ray.sweep.report import write_summary
@@ -91,11 +91,11 @@ def best(results: Any, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str,
     return params, dict(winner.metrics), Path(winner.checkpoint.path) / "model.pt"
 
 
-def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Path) -> Path:
+def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Path,
+                 train: ImageData) -> Path:
     """The winner's SHAP maps over Ray workers, into a store shared by every stage-2 trial."""
     from impactx_ray.explain.actors import compute_store_ray, default_gpus_per_worker, init_ray
 
-    train, _ = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
     h, w = train.image_size
     meta = make_meta(checkpoint_hash=file_sha256(checkpoint),
                      data_fingerprint=dataset_fingerprint(train),
@@ -132,8 +132,9 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     cell_run = tracker.run(cell.name, cell.name, parent=sweep_run)
     base = RunConfig.from_dict({**opts.base, "model": cell.model, "dataset": cell.dataset})
     tracker.params(cell_run, {"model": cell.model, "dataset": cell.dataset})
-    load_dataset(base.dataset, base.data_root, download=base.download,
-                 image_size=base.image_size)  # missing data fails here, once, before any trial
+    # Loaded once, in the driver, before any trial: missing data fails here.
+    train, test = load_dataset(base.dataset, base.data_root, download=base.download,
+                               image_size=base.image_size)
     base_dict = {**base.to_dict(), "download": False}
 
     s1, s1_run = run_stage(opts, tracker, cell, "stage1", cell_run, stage1_trainable,
@@ -143,7 +144,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
              f"test acc {m1['test_accuracy']:.4f}")
     _, meta1 = load_checkpoint(ckpt1)
     winner_cfg = RunConfig.from_dict({**base_dict, **p1})
-    maps = compute_maps(opts, winner_cfg, cell, ckpt1)
+    maps = compute_maps(opts, winner_cfg, cell, ckpt1, train)
     log_winner(tracker, s1_run, p1, m1, load_backbone(ckpt1, model=cell.model,
                                                       num_classes=meta1["num_classes"],
                                                       input_size=base.input_size))
@@ -175,7 +176,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
            "stage1_failed": len(s1.errors), "stage2_failed": len(s2.errors),
            "comparison_failed": len(s3.errors)}
     if opts.morf_images:
-        row["aopc"] = morf_for_cell(opts, tracker, cell, cell_run, base, meta1["num_classes"],
+        row["aopc"] = morf_for_cell(opts, tracker, cell, cell_run, base, test,
                                     ckpt2, others.get("abn"))
     tracker.params(cell_run, {k: row[k] for k in (*STAGE1_KEYS, *STAGE2_KEYS)})
     tracker.metrics(cell_run, {k: v for k, v in row.items() if k.endswith("accuracy")})
@@ -189,7 +190,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
 
 
 def morf_for_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, cell_run: str,
-                  cfg: RunConfig, num_classes: int, impactx_ckpt: Path,
+                  cfg: RunConfig, test: ImageData, impactx_ckpt: Path,
                   abn_result: Any | None) -> dict[str, float]:
     """MoRF of IMPACTX's maps, SHAP of IMPACTX, ABN and random on test images; figures logged."""
     import torch
@@ -197,8 +198,7 @@ def morf_for_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, cell_run: st
     from impactx_ray.eval.compare import morf_comparison, write_morf
     from impactx_ray.train.baselines import load_abn
 
-    spec = {"model": cell.model, "num_classes": num_classes, "input_size": cfg.input_size}
-    _, test = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
+    spec = {"model": cell.model, "num_classes": test.num_classes, "input_size": cfg.input_size}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     abn = (load_abn(Path(abn_result.checkpoint.path) / "model.pt", **spec)
            if abn_result is not None else None)
