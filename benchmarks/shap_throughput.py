@@ -27,7 +27,7 @@ import shap
 import torch
 
 from impactx_ray.data import load_dataset
-from impactx_ray.explain import MapStore, make_meta
+from impactx_ray.explain import ExplainSettings, MapStore
 from impactx_ray.explain.actors import MapPool
 from impactx_ray.models import create_backbone
 
@@ -56,13 +56,14 @@ def shap_direct(images: torch.Tensor, labels: torch.Tensor, args: argparse.Names
 
 def pool_rate(images, labels, workers: int, args, tmp: Path) -> tuple[float, float]:
     """(steady-state maps/s, start-up seconds) of a MapPool with ``workers`` workers."""
-    settings = {"max_evals": args.max_evals, "masker": args.masker, "batch_size": args.batch_size}
+    settings = ExplainSettings(max_evals=args.max_evals, masker=args.masker,
+                               batch_size=args.batch_size)
     t0 = time.perf_counter()
-    with MapPool(build_model, images, labels, workers=workers, gpus_per_worker=0.0,
-                 **settings) as pool:
+    with MapPool(build_model, images, labels, settings, workers=workers,
+                 gpus_per_worker=0.0) as pool:
         pool.wait_ready()
         startup = time.perf_counter() - t0
-        meta = make_meta(checkpoint_hash=f"bench-{workers}", data_fingerprint="bench", **settings)
+        meta = settings.store_meta(f"bench-{workers}", "bench", (32, 32))
         store = MapStore.create_or_open(tmp / f"w{workers}", meta=meta, num_maps=len(images),
                                         map_shape=(32, 32, 3), shard_size=args.shard_size)
         start = time.perf_counter()

@@ -10,67 +10,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from impactx_ray.errors import UserError
+from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides, positive_int
 
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors on one line (no usage block) with exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(message)
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-# (flag, RunConfig field, type, help). Defaults are suppressed so that sub-commands can tell what
-# the user actually passed from what comes from the run's saved config.json.
-CONFIG_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "backbone: lenet5, mobilenet, mobilenet_v2, efficientnet_b2 or a timm name"),
-    ("--dataset", "dataset", str, "digits, cifar10, cifar100, stl10 or imagefolder:PATH"),
-    ("--batch-size", "batch_size", int, "batch size of both stages"),
-    ("--lr", "lr", float, "learning rate (Adam) of stage 1, and of stage 2 unless --stage2-lr"),
-    ("--val-fraction", "val_fraction", float, "fraction of the training set held out for validation"),
-    ("--lambda", "lam", float, "λ: weight of the map MSE in stage 2's loss CE + λ·MSE"),
-    ("--epochs", "epochs", int, "stage-1 epochs (and stage-2 epochs unless --stage2-epochs)"),
-    ("--stage2-epochs", "stage2_epochs", int, "stage-2 epochs"),
-    ("--stage2-lr", "stage2_lr", float, "stage-2 learning rate"),
-    ("--max-evals", "max_evals", int, "model evaluations per SHAP map (paper: 2000)"),
-    ("--masker", "masker", str, "shap.maskers.Image mask value (default blur(H/4,W/4))"),
-    ("--shap-batch-size", "shap_batch_size", int, "batch_size of shap's explainer call"),
-    ("--engine", "engine", str, "SHAP map engine: batched (default; exact, fast) or shap"),
-    ("--seed", "seed", int, "seed of the split, initialisation and shuffling"),
-    ("--pretrained", "pretrained", _bool, "true/false: start from pretrained weights (timm default: true)"),
-    ("--weights", "weights", str, "local pretrained weights file (timm format)"),
-    ("--image-size", "image_size", int, "imagefolder images are resized to this (default 32)"),
-    ("--input-size", "input_size", int, "model input size for timm backbones (default: timm's)"),
-    ("--data-root", "data_root", str, "where datasets live (default ./data)"),
-    ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
-]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="impactx", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from impactx_ray.methods import METHODS
+
+    parser = OneLineParser(prog="impactx", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     steps = {
         "run": "train both stages, compute the SHAP maps and report test accuracies",
         "stage1": "redo stage 1 (the plain classifier A) on an existing run directory",
@@ -87,25 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p.add_argument("--out", type=Path, required=name != "run", default=Path("runs/default")
                        if name == "run" else argparse.SUPPRESS, help="run directory")
-        for flag, dest, typ, help_flag in CONFIG_FLAGS:
-            p.add_argument(flag, dest=dest, type=typ, help=help_flag)
-        p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
-                       help="train the backbone from random initialisation")
-        p.add_argument("--download", dest="download", action="store_true",
-                       help="download the dataset if it is missing")
+        add_config_flags(p)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in ("run", "explain"):
-            p.add_argument("--workers", type=_positive_int, help="compute the SHAP maps on N Ray "
+            p.add_argument("--workers", type=positive_int, help="compute the SHAP maps on N Ray "
                            "workers (attaches to RAY_ADDRESS when set, else starts a local Ray)")
             p.add_argument("--gpus-per-worker", type=float, help="GPUs per map worker (default: "
                            "1 when the cluster has GPUs, else 0)")
         if name == "run":
-            p.add_argument("--method", nargs="+", choices=("baseline", "impactx", "abn", "wae"),
+            p.add_argument("--method", nargs="+", choices=tuple(METHODS),
                            help="methods to train besides the baseline (default: impactx)")
         if name == "evaluate":
             p.add_argument("--morf", action="store_true", help="MoRF curves and AOPC of IMPACTX's "
                            "maps, SHAP maps of IMPACTX, ABN maps (if trained) and random maps")
-            p.add_argument("--morf-images", type=_positive_int, help="test images for MoRF "
+            p.add_argument("--morf-images", type=positive_int, help="test images for MoRF "
                            "(default 100)")
         if name in ("explain", "stage2"):
             p.add_argument("--checkpoint", type=Path, help="stage-1 checkpoint to use instead of "
@@ -115,60 +62,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    fields = {dest for _, dest, _, _ in CONFIG_FLAGS} | {"download"}
-    return {k: v for k, v in vars(args).items() if k in fields}
-
-
 def _print_result(result: dict[str, Any], out: Path) -> None:
-    names = {"baseline": "baseline (A)", "impactx": "IMPACTX", "abn": "ABN", "wae": "WAE"}
-    for method, name in names.items():
-        if f"{method}_test_accuracy" in result:
-            print(f"{name + ' test accuracy:':<27} {result[f'{method}_test_accuracy']:.4f}")
-    for method, score in result.get("morf", {}).get("aopc", {}).items():
-        print(f"{'AOPC ' + method + ':':<27} {score:.4f}")
+    from impactx_ray.methods import METHODS
+
+    for method in METHODS.values():
+        if f"{method.name}_test_accuracy" in result:
+            print(f"{method.title + ' test accuracy:':<27} "
+                  f"{result[f'{method.name}_test_accuracy']:.4f}")
+    for name, score in result.get("morf", {}).get("aopc", {}).items():
+        print(f"{'AOPC ' + name + ':':<27} {score:.4f}")
     print(f"results: {out / 'result.json'}")
 
 
 def run_command(args: argparse.Namespace) -> None:
-    from impactx_ray.config import RunConfig
-    from impactx_ray.runner import Run, load_run_config
-
     out: Path = args.out
     if args.command == "report":
         from impactx_ray.sweep.report import report
 
         report(out)
         return
-    progress = not getattr(args, "quiet", False)
-    overrides = _config_overrides(args)
+    from impactx_ray.config import RunConfig
+    from impactx_ray.methods import METHODS
+    from impactx_ray.rundir import RunDir
+    from impactx_ray.runner import Run
+
+    overrides = config_overrides(args)
+    cfg = (RunConfig.from_dict(overrides) if args.command == "run"
+           else RunDir(out).load_config(overrides))
+    run = Run(cfg, out, progress=not getattr(args, "quiet", False),
+              workers=getattr(args, "workers", None),
+              gpus_per_worker=getattr(args, "gpus_per_worker", None))
     if args.command == "run":
-        cfg = RunConfig.from_dict(overrides)
-        run = Run(cfg, out, progress=progress)
-        run.gpus_per_worker = getattr(args, "gpus_per_worker", None)
-        methods = tuple(getattr(args, "method", None) or ("impactx",))
-        _print_result(run.run_all(workers=getattr(args, "workers", None), methods=methods), out)
+        _print_result(run.run_all(tuple(getattr(args, "method", None) or ("impactx",))), out)
         return
-    cfg = load_run_config(out, overrides)
-    run = Run(cfg, out, progress=progress)
-    run.gpus_per_worker = getattr(args, "gpus_per_worker", None)
-    run.train_data  # noqa: B018 - load (and check) the data before anything is written
+    run.data  # noqa: B018 - load (and check) the data before anything is written
     checkpoint = getattr(args, "checkpoint", None)
-    if args.command == "stage1":
-        meta = run.stage1()
-        run.save_config()
-        print(f"stage 1: best val accuracy {meta['val_accuracy']:.4f} (epoch {meta['best_epoch']})"
-              f" -> {run.dir.stage1}")
-    elif args.command == "explain":
-        run.load_stage1(checkpoint)  # validate the checkpoint before touching the store
-        store = run.explain(checkpoint, workers=getattr(args, "workers", None))
+    if args.command == "explain":
+        store = run.explain(checkpoint)
         run.save_config()
         print(f"maps: {store.num_maps} in {store.path}")
-    elif args.command == "stage2":
-        meta = run.stage2(checkpoint, getattr(args, "maps", None))
+    elif args.command in ("stage1", "stage2"):
+        method = METHODS["baseline" if args.command == "stage1" else "impactx"]
+        meta = run.train(method, checkpoint, getattr(args, "maps", None))
         run.save_config()
-        print(f"stage 2: best val accuracy {meta['val_accuracy']:.4f} (epoch {meta['best_epoch']})"
-              f" -> {run.dir.stage2}")
+        print(f"{args.command.replace('stage', 'stage ')}: best val accuracy "
+              f"{meta['val_accuracy']:.4f} (epoch {meta['best_epoch']}) "
+              f"-> {run.dir.checkpoint(method)}")
     elif args.command == "evaluate":
         _print_result(run.evaluate(morf=getattr(args, "morf", False),
                                    morf_images=getattr(args, "morf_images", 100)), out)

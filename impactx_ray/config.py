@@ -14,13 +14,16 @@ from typing import Any
 
 from impactx_ray.errors import UserError
 
-# Keys that decide what stage 1 produces: a finished run directory is reused only when they match.
-STAGE1_KEYS = ("model", "dataset", "batch_size", "lr", "val_fraction", "epochs", "seed",
-               "pretrained", "weights", "image_size", "input_size")
-# Keys that, on top of the stage-1 checkpoint, decide the SHAP maps.
-EXPLAIN_KEYS = ("max_evals", "masker", "shap_batch_size", "engine")
-# Keys that decide stage 2.
-STAGE2_KEYS = ("lam", "stage2_epochs", "stage2_lr")
+# The RunConfig fields each product of a run depends on (the method table in ``methods.py`` says
+# which groups a method's checkpoint records; a finished step is reused only when they match).
+# Stage 1 (and ABN, trained with the same settings):
+STAGE1_SETTINGS = ("model", "dataset", "batch_size", "lr", "val_fraction", "epochs", "seed",
+                   "pretrained", "weights", "image_size", "input_size")
+# On top of the stage-1 checkpoint, the SHAP maps (``explain.ExplainSettings``):
+EXPLAIN_SETTINGS = ("max_evals", "masker", "shap_batch_size", "engine")
+# On top of the maps, the stage-2 training budget (IMPACTX, and WAE without λ):
+STAGE2_BUDGET = ("stage2_epochs", "stage2_lr")
+STAGE2_SETTINGS = ("lam", *STAGE2_BUDGET)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,17 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d.pop("extra")
         return d
+
+    @classmethod
+    def from_saved(cls, d: Any, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """A ``config.json`` written by any version, with ``overrides`` applied.
+
+        Configs saved before the batched engine existed have no ``engine``: their maps were made
+        by shap itself, so they read as ``engine="shap"`` (and find their map store again).
+        """
+        if not isinstance(d, dict):
+            raise UserError(f"a saved config must be a JSON object, got {type(d).__name__}")
+        return cls.from_dict({"engine": "shap", **d, **(overrides or {})})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

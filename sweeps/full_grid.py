@@ -15,26 +15,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from impactx_ray.cli import _Parser
 from impactx_ray.errors import UserError
-from impactx_ray.sweep.spaces import DATASETS, MODELS, cells, plan
+from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides
+from impactx_ray.sweep.spaces import (PAPER_DATASETS, PAPER_MODELS, STAGE1_SEARCHED,
+                                      STAGE2_SEARCHED, cells, plan)
 
 SMOKE = {"models": ["lenet5"], "datasets": ["digits"], "epochs": 3, "max_evals": 100,
          "morf_images": 50}
+FULL = {"epochs": 30, "max_evals": 2000, "morf_images": 200}
+# Set per cell (--models, --datasets) or searched by the grids: not flags of a sweep.
+NOT_FLAGS = ("model", "dataset", *STAGE1_SEARCHED, *STAGE2_SEARCHED)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="full_grid.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="full_grid.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory "
                    "(shared storage on a multi-node cluster)")
     p.add_argument("--smoke", action="store_true", help="digits, LeNet-5, 2 stage-1 "
                    "configurations, 2 λ values, few epochs and evaluations")
     p.add_argument("--dry-run", action="store_true", help="print the cells and trial counts")
-    p.add_argument("--models", nargs="+", help=f"default: {' '.join(MODELS)}")
-    p.add_argument("--datasets", nargs="+", help=f"default: {' '.join(DATASETS)}")
-    p.add_argument("--epochs", type=int, help="stage-1 epochs (default 30; smoke 3)")
-    p.add_argument("--stage2-epochs", type=int, help="stage-2 epochs (default: --epochs)")
-    p.add_argument("--max-evals", type=int, help="SHAP evaluations per map (default 2000)")
+    p.add_argument("--models", nargs="+", help=f"default: {' '.join(PAPER_MODELS)}")
+    p.add_argument("--datasets", nargs="+", help=f"default: {' '.join(PAPER_DATASETS)}")
     p.add_argument("--stage2-space", choices=("lambda", "full"), default="lambda",
                    help="stage 2 over λ on the stage-1 winner (default), or the full product")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
@@ -45,17 +46,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial")
     p.add_argument("--morf-images", type=int, help="test images for the MoRF comparison "
                    "(default 200; smoke 50; 0 skips it)")
-    p.add_argument("--data-root", default="./data")
-    p.add_argument("--download", action="store_true", help="download missing datasets")
-    p.add_argument("--seed", type=int, default=0)
+    # Every other RunConfig flag, defined once with `impactx`'s (defaults: 30 epochs, 2000
+    # evaluations; --smoke: 3 and 100).
+    add_config_flags(p, exclude=NOT_FLAGS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
-        models = args.models or (SMOKE["models"] if args.smoke else list(MODELS))
-        datasets = args.datasets or (SMOKE["datasets"] if args.smoke else list(DATASETS))
+        models = args.models or (SMOKE["models"] if args.smoke else list(PAPER_MODELS))
+        datasets = args.datasets or (SMOKE["datasets"] if args.smoke else list(PAPER_DATASETS))
         cell_list = cells(tuple(models), tuple(datasets))
         if args.dry_run:
             print("\n".join(plan(cell_list, args.smoke, args.stage2_space == "full")))
@@ -70,22 +71,21 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
     from impactx_ray.sweep.pipeline import options_from, run_sweep
     from impactx_ray.sweep.tracking import tracking_uri
 
-    def default(value, smoke, full):
-        return value if value is not None else (smoke if args.smoke else full)
-
-    epochs = default(args.epochs, SMOKE["epochs"], 30)
-    max_evals = default(args.max_evals, SMOKE["max_evals"], 2000)
-    morf_images = default(args.morf_images, SMOKE["morf_images"], 200)
+    preset = SMOKE if args.smoke else FULL
+    base = {"epochs": preset["epochs"], "max_evals": preset["max_evals"], **config_overrides(args)}
+    morf_images = preset["morf_images"] if args.morf_images is None else args.morf_images
+    # Absolute: trials run in their own working directories.
+    base["data_root"] = str(Path(base.get("data_root", "./data")).resolve())
     opts = options_from(  # validates every value before Ray starts
         args.out, cell_list, smoke=args.smoke, full_stage2=args.stage2_space == "full",
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial or 0.0,
         map_workers=args.map_workers, max_failures=args.max_failures, morf_images=morf_images,
-        epochs=epochs, stage2_epochs=args.stage2_epochs, max_evals=max_evals,
-        data_root=str(Path(args.data_root).resolve()), download=args.download, seed=args.seed)
+        **base)
     from impactx_ray.data import load_dataset
 
     for name in dict.fromkeys(c.dataset for c in cell_list):  # missing data: fail before Ray
-        load_dataset(name, opts.base["data_root"], download=args.download)
+        load_dataset(name, base["data_root"], download=base.get("download", False),
+                     image_size=base.get("image_size", 32))
 
     import ray
 

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from impactx_ray.config import RunConfig
-from impactx_ray.models import (ATTACH_POINTS, WAE, abn_loss, class_mean_maps, create_abn, create_backbone,
+from impactx_ray.data import class_mean_maps
+from impactx_ray.models import (ATTACH_POINTS, WAE, abn_loss, create_abn, create_backbone,
                                 list_backbones)
 from impactx_ray.models.abn import timm_attach_point
 from impactx_ray.models.timm_backbones import TIMM_NAMES
-from impactx_ray.train.baselines import train_abn, train_wae
-from impactx_ray.train.stage1 import StageResult
+from impactx_ray.train import StageResult, train_abn, train_wae
 
 K = 4
 CPU = torch.device("cpu")
@@ -31,7 +31,7 @@ def test_abn_forward_backward(name, size, input_size):
     torch.manual_seed(0)
     abn = create_abn(name, K, input_size=input_size).train()
     x, y = torch.rand(2, 3, size, size), torch.tensor([0, 3])
-    logits, att_logits, att = abn(x)
+    logits, att_logits, att = abn.outputs(x)
     stride = 16 if name != "lenet5" else None
     h = 5 if stride is None else -(-abn.backbone.input_size[0] // stride)
     assert logits.shape == att_logits.shape == (2, K)
@@ -46,8 +46,12 @@ def test_abn_forward_backward(name, size, input_size):
     assert branch.logit_conv.weight.grad.abs().sum() > 0
     assert _head(abn.backbone).weight.grad.abs().sum() > 0
     abn.eval()
-    expl = abn.explain(x)
-    assert expl.shape == (2, 1, size, size) and not expl.requires_grad
+    with torch.no_grad():
+        expl, (out, _, att) = abn.explain(x), abn.outputs(x)
+        assert torch.equal(abn(x), out)  # forward: the perception logits
+    assert expl.shape == (2, 1, size, size)
+    torch.testing.assert_close(expl, nn.functional.interpolate(att, size=(size, size),
+                                                               mode="bilinear"))
 
 
 def test_attach_points_follow_timm_feature_info():
@@ -57,7 +61,7 @@ def test_attach_points_follow_timm_feature_info():
     # any other timm CNN gets the same rule
     abn = create_abn("resnet18", K, input_size=32).eval()
     assert abn.attach == "model.layer3"
-    assert abn(torch.rand(1, 3, 32, 32))[2].shape == (1, 1, 2, 2)
+    assert abn.outputs(torch.rand(1, 3, 32, 32))[2].shape == (1, 1, 2, 2)
 
 
 def test_abn_state_dict_round_trip():
@@ -65,7 +69,7 @@ def test_abn_state_dict_round_trip():
     b.load_state_dict(a.state_dict())
     x = torch.rand(3, 3, 32, 32)
     a.eval(), b.eval()
-    assert all(torch.equal(u, v) for u, v in zip(a(x), b(x)))
+    assert all(torch.equal(u, v) for u, v in zip(a.outputs(x), b.outputs(x)))
 
 
 @pytest.mark.parametrize("name,size,input_size", SMALL)
@@ -74,7 +78,8 @@ def test_wae_forward_backward(name, size, input_size):
     backbone = create_backbone(name, K, input_size=input_size)
     wae = WAE.from_backbone(backbone, torch.randn(K, 3, size, size).clamp(-1, 1)).train()
     assert not backbone.training  # frozen M stays in eval mode
-    logits, e = wae(torch.rand(2, 3, size, size))
+    x = torch.rand(2, 3, size, size)
+    logits, e = wae(x), wae.explain(x)
     assert logits.shape == (2, K) and e.shape == (2, 3, size, size)
     nn.functional.cross_entropy(logits, torch.tensor([1, 2])).backward()
     assert all(p.grad is None for p in wae.M.parameters())
@@ -95,7 +100,7 @@ def test_wae_weighted_average_by_hand():
     means = torch.stack([torch.ones(1, 2, 2), -2 * torch.ones(1, 2, 2)])  # 2×1×2×2
     means[1, 0, 0, 1] = 0.4
     wae = WAE(FixedLogits(), means)
-    _, e = wae(torch.rand(3, 3, 2, 2))
+    e = wae.explain(torch.rand(3, 3, 2, 2))
     hand = 0.75 * means[0] + 0.25 * means[1]  # 1×2×2: [[0.25, 0.85], [0.25, 0.25]]
     assert e.shape == (3, 1, 2, 2)
     assert torch.allclose(e, hand.expand(3, -1, -1, -1))

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from impactx_ray.errors import UserError
-from impactx_ray.explain import MapStore, compute_store, load_maps, make_meta
+from impactx_ray.explain import ExplainSettings, MapStore, compute_store, load_maps
 from impactx_ray.models import create_backbone
 
 pytestmark = pytest.mark.slow
 
 N, SHARD = 24, 4
-SETTINGS = {"max_evals": 60, "masker": "blur(8,8)", "batch_size": 20, "seed": 0}
+SETTINGS = ExplainSettings(max_evals=60, masker="blur(8,8)", batch_size=20, seed=0)
 
 
 def build_model(pid_dir: str | None = None, driver_pid: int | None = None) -> torch.nn.Module:
@@ -30,7 +31,6 @@ def build_model(pid_dir: str | None = None, driver_pid: int | None = None) -> to
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = pytest.importorskip("ray")
     # Workers unpickle this module's build_model by reference: let them import it.
     path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False,
@@ -46,7 +46,7 @@ def inputs(digits):
 
 
 def new_store(path, images, labels):
-    meta = make_meta(checkpoint_hash="c" * 64, data_fingerprint="d" * 64, **SETTINGS)
+    meta = SETTINGS.store_meta("c" * 64, "d" * 64, (32, 32))
     return MapStore.create_or_open(path, meta=meta, num_maps=N, map_shape=(32, 32, 3),
                                    shard_size=SHARD)
 
@@ -56,7 +56,7 @@ def reference(inputs, tmp_path_factory):
     """Maps computed by one plain process."""
     images, labels = inputs
     store = new_store(tmp_path_factory.mktemp("ref") / "maps", images, labels)
-    compute_store(store, build_model(), images, labels, progress=False, **SETTINGS)
+    compute_store(store, build_model(), images, labels, SETTINGS, progress=False)
     return store.load()
 
 
@@ -64,8 +64,8 @@ def run_ray(store, inputs, workers=2, **kw):
     from impactx_ray.explain.actors import compute_store_ray
 
     images, labels = inputs
-    return compute_store_ray(store, kw.pop("build", build_model), images, labels,
-                             workers=workers, progress=False, **SETTINGS, **kw)
+    return compute_store_ray(store, kw.pop("build", build_model), images, labels, SETTINGS,
+                             workers=workers, progress=False, **kw)
 
 
 def test_two_workers_equal_one_process_despite_a_killed_worker(ray_local, inputs, reference,

@@ -23,7 +23,10 @@ from impactx_ray.explain import explain_batch, explain_true_class, fully_masked
 from impactx_ray.explain.batched import blurred, partition_tree
 from impactx_ray.models import create_backbone
 
-TOL = 1e-6  # max |batched - shap| / max |shap|
+# max |batched - shap| / max |shap|: float32 rounding only. The engine sends masked images through
+# the model in other batch compositions than shap, and some CPU kernels round a batch of 8
+# differently from one of 512 (measured here: up to 1.3e-6 for LeNet-5; float64 agrees to 1e-9).
+TOL = 2e-6
 
 
 def _model(name: str, size: int) -> torch.nn.Module:

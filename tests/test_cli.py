@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from impactx_ray.cli import main
-from impactx_ray.config import STAGE1_KEYS, RunConfig
+from impactx_ray.data import load_dataset
+from impactx_ray.config import RunConfig
 from impactx_ray.explain import MapStore
 from impactx_ray.models import create_backbone
-from impactx_ray.train.checkpoint import file_sha256, save_checkpoint
+from impactx_ray.io import file_sha256
+from impactx_ray.methods import BASELINE, checkpoint_meta
+from impactx_ray.train.checkpoint import save_checkpoint
 
 TINY = ["--model", "lenet5", "--dataset", "digits", "--epochs", "1", "--max-evals", "40",
         "--quiet"]
@@ -69,8 +72,9 @@ def run_dir(tmp_path):
     (out / "config.json").write_text(json.dumps(RunConfig(**cfg).to_dict()))
 
     model = create_backbone("lenet5", 10)
-    meta = {"kind": "stage1", "model": "lenet5", "num_classes": 10, "val_accuracy": 0.1,
-            "best_epoch": 1, "seconds": 0.0, "config": RunConfig(**cfg).subset(STAGE1_KEYS)}
+    train, _ = load_dataset("digits")
+    meta = {**checkpoint_meta(BASELINE, RunConfig(**cfg), train),
+            "val_accuracy": 0.1, "best_epoch": 1, "seconds": 0.0}
     save_checkpoint(out / "stage1" / "model.pt", model.state_dict(), meta)
     return out
 

@@ -13,7 +13,7 @@ from fixtures_data import write_cifar10, write_cifar100, write_imagefolder, writ
 from PIL import Image
 
 from impactx_ray.data import (
-    DATASETS,
+    BUILTIN_DATASETS,
     ImageData,
     check_dataset_name,
     dataset_fingerprint,
@@ -142,11 +142,11 @@ def test_unknown_dataset_names_are_user_errors(bad: str) -> None:
 
 
 def test_known_names_and_cheap_metadata() -> None:
-    assert DATASETS == ("digits", "cifar10", "cifar100", "stl10")
-    for name in DATASETS + ("imagefolder:/some/path",):
+    assert BUILTIN_DATASETS == ("digits", "cifar10", "cifar100", "stl10")
+    for name in BUILTIN_DATASETS + ("imagefolder:/some/path",):
         check_dataset_name(name)  # no error
-    assert [dataset_num_classes(n) for n in DATASETS] == [10, 10, 100, 10]
-    assert [dataset_image_size(n) for n in DATASETS] == [(32, 32)] * 3 + [(96, 96)]
+    assert [dataset_num_classes(n) for n in BUILTIN_DATASETS] == [10, 10, 100, 10]
+    assert [dataset_image_size(n) for n in BUILTIN_DATASETS] == [(32, 32)] * 3 + [(96, 96)]
     assert dataset_image_size("imagefolder:/x", image_size=64) == (64, 64)
     with pytest.raises(UserError, match="0"):
         dataset_image_size("imagefolder:/x", image_size=0)

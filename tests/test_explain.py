@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import shap
 import torch
+from toys import TinyNet
 from torch import nn
 
 from impactx_ray.errors import UserError
@@ -15,26 +16,9 @@ H = W = 16
 C, K, EVALS, MASKER = 3, 4, 300, "blur(8,8)"
 
 
-class TinyNet(nn.Module):
-    """A small CNN (3x16x16 -> 4 logits); eval-mode output, logits of order 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(
-            nn.Conv2d(C, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        )
-        self.drop = nn.Dropout(0.5)  # makes eval mode matter
-        self.head = nn.Linear(64, K)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 10 * self.head(self.drop(self.features(x)))
-
-
 @pytest.fixture(scope="module")
 def net() -> TinyNet:
-    return TinyNet().eval()
+    return TinyNet(C, K).eval()
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +88,16 @@ def test_fully_masked_is_the_blur(images: torch.Tensor) -> None:
 def test_deterministic_and_global_state_untouched(net, images, labels, maps) -> None:
     np.random.seed(123)
     original = torch.get_num_threads()
-    torch.set_num_threads(3)  # explain_true_class runs with 1 torch thread, then restores this
+    torch.set_num_threads(3)
     try:
         before = np.random.get_state()[1].copy()
-        again = explain_true_class(net, images, labels, max_evals=EVALS, masker=MASKER, batch_size=50, progress=False)
+        again = explain_true_class(net, images, labels, max_evals=EVALS, masker=MASKER, batch_size=50,
+                                   progress=False, torch_threads=1)
         assert np.array_equal(again, maps)
-        assert np.array_equal(np.random.get_state()[1], before) and torch.get_num_threads() == 3
+        assert net.threads_seen == 1  # the model ran with the asked-for thread count ...
+        assert np.array_equal(np.random.get_state()[1], before) and torch.get_num_threads() == 3  # ... restored
+        explain_true_class(net, images[:1], labels[:1], max_evals=20, masker=MASKER, progress=False)
+        assert net.threads_seen == 3  # None keeps the caller's setting
     finally:
         torch.set_num_threads(original)
 

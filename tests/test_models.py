@@ -68,9 +68,8 @@ def test_registry_names():
 
 # Every registered backbone at 32 and 96. The timm models run at their default input size
 # (224 / 260) once, at 32; the 96 cases use input_size=64 to keep the file fast on 2 cores.
-TIMM = ["mobilenet", "mobilenet_v2", "efficientnet_b2"]
-CASES = [("lenet5", 32, None), ("lenet5", 96, None)]
-CASES += [(name, 32, None) for name in TIMM] + [(name, 96, 64) for name in TIMM]
+CASES = [(name, size, None if name == "lenet5" or size == 32 else 64)
+         for name in list_backbones() for size in (32, 96)]
 CASES += [("mobilenet", 32, 32), ("mobilenetv3_small_050", 96, 64)]  # no resize; a timm pass-through name
 
 
@@ -133,14 +132,20 @@ def test_lep_copy_is_independent():
 
 @pytest.mark.parametrize("size", [32, 96])
 def test_impactx_forward_shapes(size):
-    model = ImpactX.from_backbone(create_backbone("lenet5", K), size)
-    logits, r = model(torch.rand(2, 3, size, size))
+    model = ImpactX.from_backbone(create_backbone("lenet5", K), size).eval()
+    x = torch.rand(2, 3, size, size)
+    logits, r = model.outputs(x)
     assert logits.shape == (2, K) and r.shape == (2, 3, size, size)
     assert r.abs().max() <= 1
+    torch.testing.assert_close(model(x), logits)  # forward: the logits only
+    torch.testing.assert_close(model.explain(x), r)  # explain: IMPACTX's own map
+    with pytest.raises(ValueError, match="built for"):
+        model(torch.rand(2, 3, size // 2, size // 2))
 
 
-@pytest.mark.parametrize("name,input_size", [("lenet5", None), ("mobilenet_v2", 32)])
-def test_frozen_backbone_stays_put(name, input_size):
+@pytest.mark.parametrize("name", list_backbones())
+def test_frozen_backbone_stays_put(name):
+    input_size = None if name == "lenet5" else 32
     torch.manual_seed(0)
     model = ImpactX.from_backbone(create_backbone(name, K, input_size=input_size), 32, freeze=False)
     model.freeze_backbone()
@@ -150,7 +155,7 @@ def test_frozen_backbone_stays_put(name, input_size):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x, y, r = torch.rand(4, 3, 32, 32), torch.randint(0, K, (4,)), torch.rand(4, 3, 32, 32) * 2 - 1
-    logits, r_hat = model(x)
+    logits, r_hat = model.outputs(x)
     loss = F.cross_entropy(logits, y) + 0.6 * F.mse_loss(r_hat, r)  # eq. (1)
     opt.zero_grad()
     loss.backward()

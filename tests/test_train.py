@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from impactx_ray.config import RunConfig
-from impactx_ray.train import impactx_loss, map_targets, scale_maps, train_stage1, train_stage2
-from impactx_ray.train.loop import accuracy, eval_mode
+from impactx_ray.data import map_targets, scale_maps
+from impactx_ray.train import accuracy, impactx_loss, train_stage1, train_stage2
 
 CPU = torch.device("cpu")
 
@@ -61,7 +61,7 @@ def test_stage1_learns_and_is_reproducible(digits):
     assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]
     assert a.best_val_accuracy == max(r["val_accuracy"] for r in a.history)
     # the returned model is the best epoch's, not the last one's
-    assert accuracy(eval_mode(a.model), data, device=CPU, indices=va) == pytest.approx(
+    assert accuracy(a.model, data, device=CPU, indices=va) == pytest.approx(
         a.best_val_accuracy)
     assert a.best_val_accuracy > 0.5
 
@@ -82,8 +82,12 @@ def test_stage2_keeps_m_frozen_and_logs_loss_parts(digits):
         assert row["train_loss"] == pytest.approx(row["train_ce"] + 0.8 * row["train_mse"], rel=1e-5)
     for k, v in result.model.M.state_dict().items():
         assert torch.equal(v, m_before[k]), f"frozen M changed: {k}"
-    logits, pred = result.model(data.float_images(torch.arange(4)))
+    x = data.float_images(torch.arange(4))
+    logits, pred = result.model.outputs(x)
     assert logits.shape == (4, 10) and pred.shape == (4, 3, 32, 32)
+    # one output contract: forward gives the logits, explain the map, as outputs does
+    torch.testing.assert_close(result.model(x), logits)
+    torch.testing.assert_close(result.model.explain(x), pred)
 
 
 def test_stage2_rejects_maps_of_another_size(digits):

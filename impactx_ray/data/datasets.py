@@ -19,7 +19,7 @@ import torch
 from impactx_ray.data.torchvision_sets import load_torchvision
 from impactx_ray.errors import UserError
 
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "stl10")
+BUILTIN_DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "stl10")
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
 # Known sizes, so sweeps can build models without loading anything.
@@ -87,15 +87,15 @@ def _imagefolder_path(name: str) -> Path:
 
 
 def check_dataset_name(name: str) -> None:
-    """UserError unless ``name`` is one of :data:`DATASETS` or ``imagefolder:PATH``."""
+    """UserError unless ``name`` is one of :data:`BUILTIN_DATASETS` or ``imagefolder:PATH``."""
     if not isinstance(name, str):
-        raise UserError(f"dataset {name!r} is not a name; use one of {', '.join(DATASETS)} or imagefolder:PATH")
+        raise UserError(f"dataset {name!r} is not a name; use one of {', '.join(BUILTIN_DATASETS)} or imagefolder:PATH")
     if name.startswith(IMAGEFOLDER_PREFIX):
         if not name[len(IMAGEFOLDER_PREFIX):].strip():
             raise UserError(f"dataset {name!r} has no path; use imagefolder:PATH with PATH/train and PATH/test")
         return
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or imagefolder:PATH")
+    if name not in BUILTIN_DATASETS:
+        raise UserError(f"unknown dataset {name!r}; use one of {', '.join(BUILTIN_DATASETS)} or imagefolder:PATH")
 
 
 def _check_image_size(image_size: int) -> int:
@@ -219,10 +219,19 @@ def load_dataset(
     return train, test
 
 
-def dataset_fingerprint(data: ImageData) -> str:
-    """sha256 hex of the image bytes followed by the label bytes: "same inputs" for the SHAP map store."""
+def fingerprint(images: torch.Tensor, labels: Any) -> str:
+    """sha256 hex of the image bytes followed by the labels as int64: "same inputs" for a map store.
+
+    Any image dtype (the datasets' uint8, or float tensors handed to the explainer directly).
+    """
     h = hashlib.sha256()
     # Hash the tensors' own memory (no tobytes() copy of a 150 MB array).
-    h.update(np.ascontiguousarray(data.images.detach().cpu().numpy()).data)
-    h.update(np.ascontiguousarray(data.labels.detach().cpu().numpy()).data)
+    h.update(np.ascontiguousarray(images.detach().cpu().numpy()).data)
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    h.update(np.ascontiguousarray(y, dtype=np.int64).data)
     return h.hexdigest()
+
+
+def dataset_fingerprint(data: ImageData) -> str:
+    """The :func:`fingerprint` of a data set's images and labels."""
+    return fingerprint(data.images, data.labels)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from impactx_ray.data import ImageData
 from impactx_ray.eval.morf import aopc, morf_curve, random_maps
+from impactx_ray.explain import ExplainSettings, explain_true_class
 
 # Paper Table 2: test accuracy (%) per (dataset, model) for baseline A, IMPACTX, ABN and WAE.
 PAPER_TABLE2: dict[tuple[str, str], dict[str, float]] = {
@@ -32,47 +33,29 @@ PAPER_TABLE2: dict[tuple[str, str], dict[str, float]] = {
     ("stl10", "efficientnet_b2"): {"baseline": 98.76, "impactx": 99.00, "abn": 98.59,
                                    "wae": 98.65},
 }
-METHODS = ("baseline", "impactx", "abn", "wae")
-
-
-class LogitsOf(nn.Module):
-    """A model returning (logits, …) seen as one returning logits (what shap explains)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.model(x)
-        return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
 def _batched(fn, x: Tensor, batch_size: int = 256) -> Tensor:
     return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def morf_comparison(impactx: nn.Module, test: ImageData, *, abn: nn.Module | None = None,
-                    n: int = 100, seed: int = 0, max_evals: int = 2000,
-                    masker: str | None = None, shap_batch_size: int = 100,
+@torch.no_grad()
+def morf_comparison(impactx: nn.Module, test: ImageData, settings: ExplainSettings, *,
+                    abn: nn.Module | None = None, n: int = 100, seed: int = 0,
                     device: torch.device = torch.device("cpu"), progress: bool = True
                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Tensor, Tensor]:
     """MoRF curves per method on the first ``n`` test images (the same noise seed for all).
 
     Returns (curves by method, maps by method (N×H×W×C or N×1×H×W), images, labels). Each map
-    is scored with the model it explains: IMPACTX's own maps and SHAP-of-IMPACTX with IMPACTX,
-    ABN's attention with ABN, the random ranking with IMPACTX.
+    is scored with the model it explains: IMPACTX's own maps and SHAP-of-IMPACTX (computed with
+    ``settings``, as the training maps were) with IMPACTX, ABN's attention with ABN, the random
+    ranking with IMPACTX.
     """
-    from impactx_ray.explain import explain_true_class
-
     idx = torch.arange(min(n, len(test)))
     x, y = test.float_images(idx), test.labels[idx]
     impactx = impactx.to(device).eval()
     maps: dict[str, np.ndarray] = {}
-    maps["IMPACTX"] = _batched(lambda b: impactx(b.to(device))[1].cpu(), x).numpy()
-    maps["SHAP of IMPACTX"] = explain_true_class(LogitsOf(impactx), x.to(device), y,
-                                                 max_evals=max_evals, masker=masker,
-                                                 batch_size=shap_batch_size, progress=progress)
+    maps["IMPACTX"] = _batched(lambda b: impactx.explain(b.to(device)).cpu(), x).numpy()
+    maps["SHAP of IMPACTX"] = explain_true_class(impactx, x.to(device), y, progress=progress,
+                                                 **settings.explainer_kwargs(test.image_size))
     if abn is not None:
         abn = abn.to(device).eval()
         maps["ABN"] = _batched(lambda b: abn.explain(b.to(device)).cpu(), x).numpy()

@@ -108,19 +108,14 @@ def perturbed_images(images: ArrayLike, maps: ArrayLike, k: int, *, region: int 
     return _perturb(_float(x), ranks, noise_images(x, seed), k)
 
 
-def _logits(model: Callable[[Tensor], object], x: Tensor) -> Tensor:
-    out = model(x)
-    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value,index]
-
-
 @torch.no_grad()
-def morf_curve(model: Callable[[Tensor], object], images: ArrayLike, labels: ArrayLike, maps: ArrayLike, *,
+def morf_curve(model: Callable[[Tensor], Tensor], images: ArrayLike, labels: ArrayLike, maps: ArrayLike, *,
                region: int | None = None, steps: int | None = None, seed: int = 0,
                batch_size: int = 256) -> np.ndarray:
     """True-class softmax score after 0…S MoRF steps: N×(S+1) float32 (see the module docstring).
 
-    ``model`` returns logits or a tuple whose first element is logits; an ``nn.Module`` is run in
-    eval mode (its mode is restored) on the device of its parameters. ``region=None`` takes
+    ``model`` returns N×K logits; an ``nn.Module`` is run in eval mode (its mode is restored) on
+    the device of its parameters. ``region=None`` takes
     ``default_region`` (4 at 32×32); ``steps=None`` replaces every region. ``images`` are what
     the model takes (float in [0, 1]) or uint8 0-255, converted per batch like ImageData does.
     """
@@ -153,7 +148,7 @@ def morf_curve(model: Callable[[Tensor], object], images: ArrayLike, labels: Arr
             x, noise, ranks = x.to(device), noise.to(device), ranks.to(device)
             y = y_all[start:start + batch_size].to(device)
             for k in range(steps + 1):
-                p = torch.softmax(_logits(model, _perturb(x, ranks, noise, k)).float(), dim=1)
+                p = torch.softmax(model(_perturb(x, ranks, noise, k)).float(), dim=1)
                 curves[start:start + len(x), k] = p.gather(1, y[:, None]).squeeze(1).cpu().numpy()
     finally:
         if module is not None:

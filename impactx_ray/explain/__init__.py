@@ -1,8 +1,13 @@
-"""R: SHAP attribution maps of the true class (``shap_maps``) and their on-disk store (``store``).
+"""R: SHAP attribution maps of the true class (``shap_maps``, ``batched``), the settings that
+identify them (``settings``), their on-disk store (``store``), filling it (``compute``, and
+``actors`` on Ray) and loading it (``load``).
 
-Plain PyTorch/NumPy/shap: no Ray or MLflow here (the Ray actors live in ``explain/actors.py``).
+Plain PyTorch/NumPy/shap: no Ray or MLflow here, except ``explain/actors.py`` (imported lazily).
 """
 
+from impactx_ray.explain.compute import compute_store
+from impactx_ray.explain.load import find_run_store, load_checkpoint_maps, load_maps
+from impactx_ray.explain.settings import ExplainSettings
 from impactx_ray.explain.shap_maps import (
     DEFAULT_MAX_EVALS,
     ENGINES,
@@ -13,31 +18,23 @@ from impactx_ray.explain.shap_maps import (
     fully_masked,
     validate_masker,
 )
-from impactx_ray.explain.load import find_run_store, load_maps
-from impactx_ray.explain.store import (
-    MapStore,
-    compute_store,
-    data_fingerprint,
-    file_sha256,
-    make_meta,
-)
+from impactx_ray.explain.store import MapStore
 
 __all__ = [
-    "compute_store_ray",
-    "find_run_store",
-    "load_maps",
     "DEFAULT_MAX_EVALS",
     "ENGINES",
+    "ExplainSettings",
     "MapStore",
     "TrueClassExplainer",
     "compute_store",
-    "data_fingerprint",
+    "compute_store_ray",
     "default_masker",
     "explain_batch",
     "explain_true_class",
-    "file_sha256",
+    "find_run_store",
     "fully_masked",
-    "make_meta",
+    "load_checkpoint_maps",
+    "load_maps",
     "validate_masker",
 ]
 

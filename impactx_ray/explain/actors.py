@@ -31,9 +31,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from tqdm.auto import tqdm
 
 from impactx_ray.errors import UserError
-from impactx_ray.explain.shap_maps import (DEFAULT_ENGINE, TrueClassExplainer, check_images, default_masker,
-                                           labels_array, to_hwc)
-from impactx_ray.explain.store import MapStore, check_fits, check_settings
+from impactx_ray.explain.compute import check_fits, check_settings
+from impactx_ray.explain.settings import ExplainSettings
+from impactx_ray.explain.shap_maps import TrueClassExplainer, check_images, labels_array, to_hwc
+from impactx_ray.explain.store import MapStore
 
 ModelBuilder = Callable[[], torch.nn.Module]
 
@@ -53,12 +54,12 @@ def default_gpus_per_worker() -> float:
 class MapWorker:
     """One Ray actor: a model loaded once and a reusable shap explainer; computes whole shards."""
 
-    def __init__(self, build_model: ModelBuilder, settings: dict[str, Any],
+    def __init__(self, build_model: ModelBuilder, explainer_kwargs: dict[str, Any],
                  torch_threads: int = 1) -> None:
         torch.set_num_threads(torch_threads)  # parallelism comes from actors, not intra-op threads
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_model().to(device).eval()
-        self.settings = settings
+        self.explainer_kwargs = explainer_kwargs
         self.images: np.ndarray | None = None
         self.labels: np.ndarray | None = None
         self.explainer: TrueClassExplainer | None = None
@@ -72,7 +73,7 @@ class MapWorker:
         if self.images is None:
             self.images, self.labels = ray.get(data_refs)
             h, w, c = self.images.shape[1:]
-            self.explainer = TrueClassExplainer(self.model, (c, h, w), **self.settings)
+            self.explainer = TrueClassExplainer(self.model, (c, h, w), **self.explainer_kwargs)
 
     def warm_up(self, data_refs: list[ray.ObjectRef]) -> int:
         """Explain one image on a small budget, so shap's numba kernels are compiled; the pid."""
@@ -97,9 +98,8 @@ class MapPool:
     """
 
     def __init__(self, build_model: ModelBuilder, images: torch.Tensor,
-                 labels: torch.Tensor | np.ndarray | Sequence[int], *, workers: int,
-                 max_evals: int, masker: str | None, batch_size: int, seed: int = 0,
-                 engine: str = DEFAULT_ENGINE, forward_batch: int | None = None,
+                 labels: torch.Tensor | np.ndarray | Sequence[int], settings: ExplainSettings, *,
+                 workers: int, forward_batch: int | None = None,
                  gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
                  torch_threads: int = 1, max_restarts: int = 3) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -107,11 +107,11 @@ class MapPool:
         check_images(images)
         n, c, h, w = images.shape
         self.images_shape, self.labels = (n, c, h, w), labels_array(labels, n)
-        self.settings = {"masker": masker or default_masker(h, w), "max_evals": max_evals,
-                         "batch_size": batch_size, "seed": seed, "engine": engine}
+        self.settings = settings
+        self.explainer_kwargs = settings.explainer_kwargs((h, w))
         hwc = to_hwc(images)
         # Validate the settings and labels here, where an error can be a clean one-liner.
-        explainer = TrueClassExplainer(build_model().eval(), (c, h, w), **self.settings)
+        explainer = TrueClassExplainer(build_model().eval(), (c, h, w), **self.explainer_kwargs)
         explainer.check_labels(hwc, self.labels)
 
         init_ray()
@@ -123,7 +123,8 @@ class MapPool:
         actor_cls = ray.remote(MapWorker).options(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts,
             max_task_retries=max_restarts)
-        self.actors = [actor_cls.remote(build_model, {**self.settings, "forward_batch": forward_batch}, torch_threads)
+        self.actors = [actor_cls.remote(build_model, {**self.explainer_kwargs, "forward_batch": forward_batch},
+                                         torch_threads)
                        for _ in range(workers)]
 
     def wait_ready(self) -> list[int]:
@@ -148,7 +149,7 @@ class MapPool:
         ``on_shard(i)`` is called after shard ``i`` is written (progress hooks, tests).
         """
         n, c, h, w = check_fits(store, torch.empty(self.images_shape))
-        check_settings(store, image_size=(h, w), **self.settings)
+        check_settings(store, self.settings, (h, w))
         missing = store.missing_shards(verify=True)
         queue = deque(missing)
         in_flight: dict[ray.ObjectRef, tuple[Any, int]] = {}
@@ -191,23 +192,21 @@ class MapPool:
 
 
 def compute_store_ray(store: MapStore, build_model: ModelBuilder, images: torch.Tensor,
-                      labels: torch.Tensor | np.ndarray | Sequence[int], *, workers: int,
-                      progress: bool = True, on_shard: Callable[[int], None] | None = None,
+                      labels: torch.Tensor | np.ndarray | Sequence[int], settings: ExplainSettings,
+                      *, workers: int, progress: bool = True,
+                      on_shard: Callable[[int], None] | None = None,
                       **pool_options: Any) -> MapStore:
     """Compute the store's missing shards on ``workers`` Ray actors: the Ray twin of
-    ``compute_store``, with the same maps. ``pool_options`` as for ``MapPool`` (max_evals,
-    masker, batch_size, seed, gpus_per_worker — None: 1 when the cluster has GPUs, else 0).
+    ``compute_store``, with the same maps. ``pool_options`` as for ``MapPool`` (forward_batch,
+    gpus_per_worker -- None: 1 when the cluster has GPUs, else 0 --, cpus_per_worker, ...).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
     check_fits(store, images)
-    h, w = images.shape[-2:]
-    check_settings(store, image_size=(h, w), **{k: pool_options.get(k) for k in
-                                                ("masker", "max_evals", "batch_size")},
-                   seed=pool_options.get("seed", 0), engine=pool_options.get("engine", DEFAULT_ENGINE))
+    check_settings(store, settings, tuple(images.shape[-2:]))
     missing = store.missing_shards(verify=True)
     if not missing:
         return store
-    with MapPool(build_model, images, labels, workers=min(workers, len(missing)),
+    with MapPool(build_model, images, labels, settings, workers=min(workers, len(missing)),
                  **pool_options) as pool:
         return pool.compute(store, progress=progress, on_shard=on_shard)

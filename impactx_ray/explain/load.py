@@ -2,44 +2,47 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from impactx_ray.config import RunConfig
 from impactx_ray.errors import UserError
-from impactx_ray.explain.store import MANIFEST, MapStore, file_sha256
+from impactx_ray.explain.settings import ExplainSettings
+from impactx_ray.explain.store import MANIFEST, MapStore
+from impactx_ray.io import file_sha256, read_json
 
 
 def find_run_store(run_dir: str | Path, checkpoint_hash: str | None = None) -> MapStore:
     """The map store in ``run_dir/maps/`` made from the run's stage-1 checkpoint (or
-    ``checkpoint_hash``) with the shap settings in the run's ``config.json``."""
+    ``checkpoint_hash``) with the explain settings in the run's ``config.json``."""
     run_dir = Path(run_dir)
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{run_dir} is not a readable run directory: {e}") from None
+    cfg = RunConfig.from_saved(read_json(run_dir / "config.json"))
     if checkpoint_hash is None:
         stage1 = run_dir / "stage1" / "model.pt"
         if not stage1.is_file():
             raise UserError(f"{stage1} does not exist; run stage 1 before looking for its maps")
         checkpoint_hash = file_sha256(stage1)
-    wanted = {"checkpoint_hash": checkpoint_hash, "max_evals": cfg.get("max_evals"),
-              "batch_size": cfg.get("shap_batch_size"), "seed": cfg.get("seed"),
-              "engine": cfg.get("engine", "batched")}
-    if cfg.get("masker"):
-        wanted["masker"] = cfg["masker"]
-    stores = [MapStore(p.parent) for p in sorted((run_dir / "maps").glob(f"*/{MANIFEST}"))]
-    matches = [s for s in stores if all(s.meta.get(k) == v for k, v in wanted.items())]
-    if not matches:
-        raise UserError(f"no map store in {run_dir / 'maps'} for stage-1 checkpoint "
-                        f"{checkpoint_hash[:12]} with max_evals={wanted['max_evals']}; run "
-                        f"`impactx explain --out {run_dir}`")
-    if len(matches) > 1:
-        raise UserError(f"several map stores in {run_dir / 'maps'} fit checkpoint "
-                        f"{checkpoint_hash[:12]} ({', '.join(s.path.name for s in matches)}); "
-                        "pass the store's path instead")
-    return matches[0]
+    return ExplainSettings.from_config(cfg).find_store(run_dir / "maps", checkpoint_hash)
+
+
+def load_checkpoint_maps(checkpoint_hash: str, settings: ExplainSettings, maps_root: Path,
+                         store: Path | None = None) -> np.ndarray:
+    """The complete maps of a stage-1 checkpoint: from the store at ``store`` (refused when it
+    was built from another checkpoint) or the one under ``maps_root`` that ``settings`` find."""
+    if store is None:
+        found = settings.find_store(maps_root, checkpoint_hash)
+    else:
+        found = MapStore(store)
+        built_from = str(found.meta.get("checkpoint_hash"))
+        if built_from != checkpoint_hash:
+            raise UserError(f"map store {store} was built from checkpoint {built_from[:12]}, "
+                            f"but the stage-1 checkpoint is {checkpoint_hash[:12]}; "
+                            "run `impactx explain` for this checkpoint")
+    if found.missing_shards():
+        raise UserError(f"map store {found.path} is incomplete; rerun `impactx explain` to "
+                        "finish it (finished shards are kept)")
+    return found.load()
 
 
 def load_maps(path: str | Path) -> np.ndarray:

@@ -131,7 +131,7 @@ def torch_threads_ctx(n: int | None) -> Iterator[None]:
 
 
 @contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def in_eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Put ``model`` in eval mode for the block, then restore every submodule's own training flag."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -320,7 +320,7 @@ def explain_true_class(
     if n == 0:
         return np.zeros((n, h, w, c), dtype=np.float32)
     hwc = to_hwc(images)
-    with eval_mode(model), torch_threads_ctx(torch_threads):
+    with in_eval_mode(model), torch_threads_ctx(torch_threads):
         ex.check_labels(hwc, y)
         return ex.explain_many(hwc, y, progress=progress)
 
@@ -355,6 +355,6 @@ def explain_batch(
     )
     if n == 0:
         return np.zeros(x.shape, dtype=np.float32)
-    with eval_mode(model):
+    with in_eval_mode(model):
         ex.check_labels(x, y)
         return ex.explain_many(x, y, progress=progress)

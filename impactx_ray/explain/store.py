@@ -39,22 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import shap
-import torch
-from tqdm import tqdm
 
 from impactx_ray.errors import UserError
-from impactx_ray.explain.shap_maps import (
-    DEFAULT_ENGINE,
-    TrueClassExplainer,
-    check_engine,
-    check_images,
-    default_masker,
-    eval_mode,
-    labels_array,
-    to_hwc,
-    torch_threads_ctx,
-)
+from impactx_ray.io import file_sha256, write_bytes
 
 FORMAT = "impactx-ray-mapstore"
 FORMAT_VERSION = 1
@@ -65,79 +52,19 @@ DEFAULT_SHARD_SIZE = 128
 REQUIRED_META = ("checkpoint_hash", "data_fingerprint", "masker", "max_evals", "batch_size")
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | np.ndarray | Sequence[int]) -> str:
-    """A sha256 over the exact image tensor (shape, dtype, bytes) and labels: one valid ``data_fingerprint``."""
-    x = images.detach().cpu().contiguous()
-    y = np.ascontiguousarray(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64))
-    h = hashlib.sha256(f"{tuple(x.shape)}|{x.dtype}|{y.shape}".encode())
-    h.update(x.numpy().tobytes())
-    h.update(y.tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-def make_meta(
-    *, checkpoint_hash: str, data_fingerprint: str, masker: str, max_evals: int, batch_size: int, seed: int = 0,
-    engine: str = DEFAULT_ENGINE,
-) -> dict[str, Any]:
-    """The full meta dict of a store computed by :func:`compute_store` with these settings."""
-    return {
-        "checkpoint_hash": checkpoint_hash,
-        "data_fingerprint": data_fingerprint,
-        "masker": masker,
-        "max_evals": int(max_evals),
-        "batch_size": int(batch_size),
-        "seed": int(seed),
-        "engine": check_engine(engine),
-        "shap_version": shap.__version__,
-    }
-
-
 def _normalize_meta(meta: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
-        raise UserError(f"map store meta lacks {', '.join(missing)}; build it with impactx_ray.explain.make_meta")
+        raise UserError(f"map store meta lacks {', '.join(missing)}; build it with "
+                        "ExplainSettings.store_meta")
+    import shap  # only for stores made before shap_version was recorded
+
+    # Stores made before seed and engine were recorded used seed 0 and shap itself.
     full = {"seed": 0, "engine": "shap", "shap_version": shap.__version__, **meta}
     try:
         return json.loads(json.dumps(full, sort_keys=True))
     except (TypeError, ValueError) as e:
         raise UserError(f"map store meta must be JSON values (str, int, float, list, dict): {e}") from None
-
-
-def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
-    """Write ``data`` to ``path`` via a unique temp file + fsync + rename.
-
-    With ``exclusive`` the file is only created if absent (``os.link`` fails on an existing
-    target); returns False in that case instead of replacing it.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            except OSError:  # a filesystem without hard links: best effort, not race-free
-                if path.exists():
-                    return False
-                os.replace(tmp, path)
-        else:
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return True
 
 
 class MapStore:
@@ -205,7 +132,7 @@ class MapStore:
         }
         path.mkdir(parents=True, exist_ok=True)
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        if not _write_atomic(path / MANIFEST, data, exclusive=True):
+        if not write_bytes(path / MANIFEST, data, exclusive=True):
             store = cls(path)
             store._check_same(manifest)
             return store
@@ -281,7 +208,7 @@ class MapStore:
         np.save(buf, np.ascontiguousarray(maps), allow_pickle=False)
         data = buf.getvalue()
         self._sidecar(i).unlink(missing_ok=True)
-        _write_atomic(self._npy(i), data)
+        write_bytes(self._npy(i), data)
         info = {
             "store_id": self.manifest["store_id"],
             "index": i,
@@ -293,7 +220,7 @@ class MapStore:
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        _write_atomic(self._sidecar(i), json.dumps(info, indent=1, sort_keys=True).encode())
+        write_bytes(self._sidecar(i), json.dumps(info, indent=1, sort_keys=True).encode())
 
     def load_shard(self, i: int) -> np.ndarray:
         """Maps of shard ``i``, checksum-verified; UserError if it is missing or corrupt."""
@@ -326,72 +253,3 @@ class MapStore:
             start, stop = self.shard_range(i)
             out[start:stop] = self.load_shard(i)
         return out
-
-
-def check_fits(store: MapStore, images: torch.Tensor) -> tuple[int, int, int, int]:
-    """(N, C, H, W) of ``images``; UserError unless they are the store's N images of its shape."""
-    check_images(images)
-    n, c, h, w = images.shape
-    if n != store.num_maps or (h, w, c) != store.map_shape:
-        raise UserError(
-            f"images {tuple(images.shape)} do not fit map store {store.path} "
-            f"({store.num_maps} maps of H x W x C {store.map_shape}); use the data the store was made for"
-        )
-    return n, c, h, w
-
-
-def check_settings(store: MapStore, *, masker: str | None, max_evals: int, batch_size: int,
-                   seed: int, image_size: tuple[int, int], engine: str = DEFAULT_ENGINE) -> dict[str, Any]:
-    """The explainer settings, checked against the store's meta (UserError on a difference)."""
-    h, w = image_size
-    settings = {"masker": masker or default_masker(h, w), "max_evals": max_evals,
-                "batch_size": batch_size, "seed": seed, "engine": check_engine(engine)}
-    for key, value in settings.items():
-        if key in store.meta and store.meta[key] != value:
-            raise UserError(
-                f"map store {store.path} was made with {key}={store.meta[key]!r}, not {key}={value!r}; "
-                "use the store's settings or another directory"
-            )
-    return settings
-
-
-def compute_store(
-    store: MapStore,
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor | np.ndarray | Sequence[int],
-    *,
-    max_evals: int,
-    masker: str | None,
-    batch_size: int,
-    progress: bool = True,
-    seed: int = 0,
-    torch_threads: int | None = None,
-    engine: str = DEFAULT_ENGINE,
-    forward_batch: int | None = None,
-) -> MapStore:
-    """Compute the store's missing shards with shap (true class), writing each as it finishes.
-
-    Shards already written and intact are never recomputed, so a killed run resumes where it
-    stopped. The settings must equal the store's meta (else UserError); the caller vouches that
-    ``images``/``labels`` are what ``meta['data_fingerprint']`` names and ``model`` what
-    ``meta['checkpoint_hash']`` names. ``torch_threads`` as in :func:`explain_true_class`.
-    """
-    n, c, h, w = check_fits(store, images)
-    y = labels_array(labels, n)
-    settings = check_settings(store, masker=masker, max_evals=max_evals, batch_size=batch_size,
-                              seed=seed, image_size=(h, w), engine=engine)
-    missing = store.missing_shards(verify=True)
-    if not missing:
-        return store
-    ex = TrueClassExplainer(model, (c, h, w), dtype=images.dtype, forward_batch=forward_batch, **settings)
-    hwc = to_hwc(images)
-    total = sum(b - a for a, b in map(store.shard_range, missing))
-    bar = tqdm(total=total, unit="map", desc="SHAP maps", disable=not progress, dynamic_ncols=True)
-    with eval_mode(model), torch_threads_ctx(torch_threads), bar:
-        ex.check_labels(hwc, y)
-        for i in missing:
-            start, stop = store.shard_range(i)
-            store.write_shard(i, ex.explain_many(hwc[start:stop], y[start:stop]))
-            bar.update(stop - start)
-    return store

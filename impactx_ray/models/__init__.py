@@ -1,25 +1,29 @@
 """Models: the backbone registry (LeNet-5, timm), IMPACTX's LEP, decoder and assembly, and the
-comparison methods of the paper's §5: ABN (Fukui et al. 2019) and WAE (Apicella et al. 2023)."""
+comparison methods of the paper's §5: ABN (Fukui et al. 2019) and WAE (Apicella et al. 2023).
 
+One output contract for all of them: ``forward(x)`` returns the N×K logits; the models that
+produce their own attribution map (ImpactX, ABN, WAE) add ``explain(x)``.
+"""
+
+from impactx_ray.models.abn import ABN, ATTACH_POINTS, abn_loss, create_abn
+from impactx_ray.models.decoder import Decoder
+from impactx_ray.models.factory import (
+    check_backbone_name,
+    create_backbone,
+    default_pretrained,
+)
+from impactx_ray.models.impactx import ImpactX
+from impactx_ray.models.lenet5 import LeNet5
+from impactx_ray.models.lep import LEP
 from impactx_ray.models.registry import (
     BACKBONES,
     Backbone,
     InputAdapter,
-    check_backbone_name,
-    create_backbone,
-    default_pretrained,
     list_backbones,
     register_backbone,
 )
-from impactx_ray.models import lenet5 as _lenet5  # noqa: F401  (registers "lenet5")
-from impactx_ray.models import timm_backbones as _timm_backbones  # noqa: F401  (registers the timm names)
-from impactx_ray.models.abn import ABN, ATTACH_POINTS, abn_loss, create_abn
-from impactx_ray.models.decoder import Decoder
-from impactx_ray.models.impactx import ImpactX
-from impactx_ray.models.lenet5 import LeNet5
-from impactx_ray.models.lep import LEP
 from impactx_ray.models.timm_backbones import TimmBackbone
-from impactx_ray.models.wae import WAE, class_mean_maps
+from impactx_ray.models.wae import WAE
 
 __all__ = [
     "ABN",
@@ -35,7 +39,6 @@ __all__ = [
     "WAE",
     "abn_loss",
     "check_backbone_name",
-    "class_mean_maps",
     "create_abn",
     "create_backbone",
     "default_pretrained",

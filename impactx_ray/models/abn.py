@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from impactx_ray.errors import UserError
-from impactx_ray.models.registry import Backbone, create_backbone
+from impactx_ray.models.factory import create_backbone
+from impactx_ray.models.registry import Backbone
 
 # name -> (module inside the Backbone whose output the branch reads, its channels).
 # The timm rows equal what ``timm_attach_point`` derives from feature_info (tested); other timm
@@ -127,7 +128,8 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 class ABN(nn.Module):
-    """A backbone with an attention branch; forward gives (perception logits, attention logits, map)."""
+    """A backbone with an attention branch. ``forward`` gives the perception logits, ``outputs``
+    all three branch outputs (for the loss), ``explain`` the attention map at the input size."""
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -143,7 +145,7 @@ class ABN(nn.Module):
         """The wrapped attach module (looked up, not registered twice: one copy of each weight in state_dict)."""
         return self.backbone.get_submodule(self.attach)  # type: ignore[return-value]
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def outputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: N×3×H×W in [0, 1] -> (perception logits N×K, attention logits N×K, map N×1×h×w)."""
         logits = self.backbone(x)
         if self.attended.last is None:
@@ -152,11 +154,14 @@ class ABN(nn.Module):
         self.attended.last = None  # don't keep the graph alive between calls
         return logits, att_logits, att
 
-    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """x: N×3×H×W in [0, 1] -> perception logits N×K (the prediction)."""
+        return self.outputs(x)[0]
+
     def explain(self, x: Tensor) -> Tensor:
-        """The attention map upsampled (bilinear) to the input: N×1×H×W in [0, 1] (no grad; mode unchanged)."""
-        _, _, att = self(x)
-        return F.interpolate(att, size=x.shape[-2:], mode="bilinear", align_corners=False)  # N×1×h×w -> N×1×H×W
+        """The attention map upsampled (bilinear) to the input: N×1×H×W in [0, 1]."""
+        att = self.outputs(x)[2]  # N×1×h×w
+        return F.interpolate(att, size=x.shape[-2:], mode="bilinear", align_corners=False)  # -> N×1×H×W
 
 
 def abn_loss(logits: Tensor, att_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

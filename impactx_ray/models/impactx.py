@@ -4,6 +4,7 @@
     ŷ = C(concat(m, z))                                   r̂ = D(z) ∈ [-1, 1]^{C×H×W}
 
 Trained with eq. (1), L = CE(y, C(m, z)) + λ·MSE(r, D(z)); in the two-stage scheme M is frozen.
+``forward`` gives ŷ's logits, ``explain`` r̂, and ``outputs`` both from one pass (for the loss).
 """
 
 from __future__ import annotations
@@ -50,16 +51,29 @@ class ImpactX(nn.Module):
             self.M.eval()  # a frozen M must not update BatchNorm running stats or apply dropout
         return self
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: N×C×H×W in [0, 1] -> (logits N×K, predicted attribution map N×C×H×W in [-1, 1])."""
-        if tuple(x.shape[-2:]) != self.decoder.image_size:
-            raise ValueError(
-                f"ImpactX was built for {self.decoder.image_size} images, got {tuple(x.shape[-2:])}"
-            )
+        self._check_size(x)
         m = self.M(x)  # N×K
         z = self.lep(x)  # N×latent
         logits = self.C(torch.cat([m, z], dim=1))  # N×(K+latent) -> N×K
         return logits, self.decoder(z)  # N×K, N×C×H×W
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: N×C×H×W in [0, 1] -> logits N×K of C(concat(M(x), LEP(x)))."""
+        self._check_size(x)
+        return self.C(torch.cat([self.M(x), self.lep(x)], dim=1))  # N×(K+latent) -> N×K
+
+    def explain(self, x: Tensor) -> Tensor:
+        """IMPACTX's own attribution map D(LEP(x)): N×C×H×W in [-1, 1] (M is not needed)."""
+        self._check_size(x)
+        return self.decoder(self.lep(x))
+
+    def _check_size(self, x: Tensor) -> None:
+        if tuple(x.shape[-2:]) != self.decoder.image_size:
+            raise ValueError(
+                f"ImpactX was built for {self.decoder.image_size} images, got {tuple(x.shape[-2:])}"
+            )
 
     @classmethod
     def from_backbone(

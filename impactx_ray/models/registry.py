@@ -6,8 +6,8 @@ the datasets give them -- float N×3×H×W in [0, 1] at the native resolution (3
 STL-10) -- and adapts them itself (resize, normalise). Keeping that step inside the model means SHAP
 maps, MoRF perturbations and decoder targets all live in the image space the user sees.
 
-Factories register themselves timm-style with ``@register_backbone("name")``; any other timm model
-name is passed through to timm (see ``timm_backbones.py``).
+Factories register themselves timm-style with ``@register_backbone("name")``; ``factory.py`` builds
+a backbone by name (any other timm model name is passed through to timm).
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from impactx_ray.errors import UserError
 
 
 class InputAdapter(nn.Module):
@@ -113,65 +111,3 @@ def register_backbone(name: str, *, default_pretrained: bool = True) -> Callable
 def list_backbones() -> list[str]:
     """The registered names (any timm model name is accepted too, see check_backbone_name)."""
     return sorted(BACKBONES)
-
-
-def _is_timm_model(name: str) -> bool:
-    return timm.is_model(name)  # accepts 'arch' and 'arch.pretrained_tag'
-
-
-def check_backbone_name(name: str) -> None:
-    """Raise UserError unless ``name`` is registered or a timm model name."""
-    if isinstance(name, str) and (name in BACKBONES or _is_timm_model(name)):
-        return
-    raise UserError(
-        f"unknown backbone {name!r}; use one of {', '.join(list_backbones())} "
-        "or a timm model name (see timm.list_models())"
-    )
-
-
-def default_pretrained(name: str) -> bool:
-    """True for the timm backbones (the paper fine-tunes ImageNet / Noisy Student weights), False for lenet5."""
-    check_backbone_name(name)
-    return _DEFAULT_PRETRAINED.get(name, True)
-
-
-def resolve_weights(name: str, weights: str | Path | None) -> Path | None:
-    """The weights path as a Path, or UserError naming it when it is not a readable file."""
-    if weights is None:
-        return None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise UserError(
-            f"weights file {str(path)!r} for backbone {name!r} does not exist; "
-            "pass --weights with an existing state-dict file, or --no-pretrained"
-        )
-    return path
-
-
-def create_backbone(
-    name: str,
-    num_classes: int,
-    pretrained: bool = False,
-    weights: str | Path | None = None,
-    input_size: int | None = None,
-) -> Backbone:
-    """Build a backbone by name.
-
-    ``weights=PATH`` loads that local state dict (and implies ``pretrained``); ``pretrained=True``
-    without it fetches timm's published weights, raising UserError when they cannot be had -- the
-    model is never silently left at random initialisation. ``input_size`` (square side in pixels)
-    overrides the size images are resized to; None keeps the model's own.
-    """
-    check_backbone_name(name)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if input_size is not None and (
-        isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8
-    ):
-        raise UserError(f"input_size must be an integer >= 8 pixels, got {input_size!r}; or leave it unset")
-    path = resolve_weights(name, weights)
-    if name in BACKBONES:
-        return BACKBONES[name](num_classes, bool(pretrained), path, input_size)
-    from impactx_ray.models.timm_backbones import create_timm_backbone  # circular at import time
-
-    return create_timm_backbone(name, num_classes, bool(pretrained), path, input_size)

@@ -12,8 +12,8 @@ Interpretation choices (ref. [7] describes the idea; the details here are ours):
 
 - The maps are the same stage-1 SHAP maps of the true class that IMPACTX trains on, each scaled to
   [-1, 1] by its max |value| (``scale_maps``) before averaging, so every image counts the same
-  whatever its logit scale. Only training images (``train_idx``) enter the means; a class with no
-  training image gets an all-zero mean.
+  whatever its logit scale (``impactx_ray.data.class_mean_maps``). Only training images enter the
+  means; a class with no training image gets an all-zero mean.
 - The same weighted average is used in training and at test time (no true-label lookup during
   training), so the classifier never sees inputs at training time that it cannot get at test time.
 - p is computed from M's logits with gradients stopped: M is frozen (as in IMPACTX stage 2), so the
@@ -26,37 +26,10 @@ Interpretation choices (ref. [7] describes the idea; the details here are ours):
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from impactx_ray.models.registry import Backbone
-
-
-def class_mean_maps(maps: np.ndarray | Tensor, labels: np.ndarray | Tensor, num_classes: int, *,
-                    index: np.ndarray | Tensor | None = None, chunk: int = 2048) -> Tensor:
-    """Per-class mean of the per-image-scaled maps: N×H×W×C (store layout) -> K×C×H×W float32.
-
-    ``index`` restricts the mean to those rows of ``maps`` (``labels`` stays aligned with ``maps``);
-    rows are converted ``chunk`` at a time, so a CIFAR-sized store is never copied whole.
-    """
-    from impactx_ray.train.losses import scale_maps  # lazy: impactx_ray.train imports models
-
-    if maps.ndim != 4:
-        raise ValueError(f"maps must be N×H×W×C, got shape {tuple(maps.shape)}")
-    y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    if len(y_all) != len(maps):
-        raise ValueError(f"{len(maps)} maps for {len(y_all)} labels")
-    rows = np.arange(len(maps)) if index is None else np.asarray(index, dtype=np.int64).reshape(-1)
-    _, h, w, c = maps.shape
-    sums = torch.zeros(num_classes, c, h, w)
-    for start in range(0, len(rows), chunk):
-        r = rows[start:start + chunk]
-        t = torch.as_tensor(np.asarray(maps[r], dtype=np.float32))  # n×H×W×C
-        scaled = scale_maps(t.permute(0, 3, 1, 2))  # n×H×W×C -> n×C×H×W, each in [-1, 1]
-        sums.index_add_(0, y_all[r], scaled)
-    counts = torch.bincount(y_all[rows], minlength=num_classes).clamp_min(1).to(sums.dtype)  # K
-    return sums / counts.view(-1, 1, 1, 1)  # classes without images stay 0
 
 
 class ExplanationEncoder(nn.Module):
@@ -107,12 +80,15 @@ class WAE(nn.Module):
         p = torch.softmax(m.detach(), dim=1).to(self.class_means.dtype)  # N×K
         return torch.einsum("nk,kchw->nchw", p, self.class_means)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: N×3×H×W in [0, 1] -> (logits N×K, weighted explanation N×C×H×W in [-1, 1])."""
+    def forward(self, x: Tensor) -> Tensor:
+        """x: N×3×H×W in [0, 1] -> logits N×K."""
         m = self.M(x)  # N×K
-        e = self.weighted_explanation(m)
-        z = self.encoder(e)  # N×latent
-        return self.C(torch.cat([m, z], dim=1)), e  # N×(K+latent) -> N×K
+        z = self.encoder(self.weighted_explanation(m))  # N×C×H×W -> N×latent
+        return self.C(torch.cat([m, z], dim=1))  # N×(K+latent) -> N×K
+
+    def explain(self, x: Tensor) -> Tensor:
+        """The weighted explanation WAE classifies with: N×C×H×W in [-1, 1]."""
+        return self.weighted_explanation(self.M(x))
 
     @classmethod
     def from_backbone(cls, backbone: Backbone, class_means: Tensor, freeze: bool = True) -> "WAE":

@@ -21,19 +21,17 @@ from typing import Any, Callable
 from ray import tune
 
 from impactx_ray.config import RunConfig
-from impactx_ray.data import ImageData, dataset_fingerprint, load_dataset
+from impactx_ray.data import ImageData, load_dataset
 from impactx_ray.errors import UserError
-from impactx_ray.explain import MapStore, default_masker, file_sha256, make_meta
+from impactx_ray.explain import ExplainSettings
+from impactx_ray.io import file_sha256
+from impactx_ray.methods import METHODS, ModelSpec, load_model, load_stage1
 from impactx_ray.sweep.report import write_summary
-from impactx_ray.sweep.spaces import STAGE1_KEYS, STAGE2_KEYS, Cell, Space, stage1_space, stage2_space
+from impactx_ray.sweep.spaces import (STAGE1_SEARCHED, STAGE2_SEARCHED, Cell, Space, stage1_space,
+                                      stage2_space)
 from impactx_ray.sweep.tracking import (MLflowTrialLogger, Tracker, artifact_location,
                                        tracking_uri)
-from impactx_ray.sweep.trainables import (CPUS, MAPS, METHOD, STAGE1_CHECKPOINT,
-                                          comparison_trainable, stage1_trainable,
-                                          stage2_trainable)
-from impactx_ray.train.checkpoint import load_checkpoint
-from impactx_ray.train.stage1 import load_backbone
-from impactx_ray.train.stage2 import load_impactx
+from impactx_ray.sweep.trainables import CPUS, MAPS, METHOD, STAGE1_CHECKPOINT, STAGE_TRAINABLES
 
 METRIC = "best_val_accuracy"  # selection is by validation accuracy, never test accuracy
 
@@ -54,14 +52,14 @@ class SweepOptions:
 
 
 def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, parent: str,
-              trainable: Callable, space: Space, base: dict[str, Any]) -> tuple[Any, str]:
+              space: Space, base: dict[str, Any]) -> tuple[Any, str]:
     """Run (or restore and finish) one stage's Tune grid; returns (ResultGrid, stage run id)."""
     key = f"{cell.name}/{stage}"
     stage_run = tracker.run(key, f"{cell.name} {stage}", parent=parent)
     storage = (opts.out / "tune").resolve()
     path = storage / f"{cell.name}-{stage}"
     resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
-    trainable = tune.with_resources(trainable, resources)
+    trainable = tune.with_resources(STAGE_TRAINABLES[stage], resources)
     if tune.Tuner.can_restore(path):
         opts.log(f"{key}: resuming the Tune experiment in {path}")
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=False)
@@ -96,27 +94,18 @@ def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Pat
     """The winner's SHAP maps over Ray workers, into a store shared by every stage-2 trial."""
     from impactx_ray.explain.actors import compute_store_ray, default_gpus_per_worker, init_ray
 
-    h, w = train.image_size
-    meta = make_meta(checkpoint_hash=file_sha256(checkpoint),
-                     data_fingerprint=dataset_fingerprint(train),
-                     masker=cfg.masker or default_masker(h, w), max_evals=cfg.max_evals,
-                     batch_size=cfg.shap_batch_size, seed=cfg.seed, engine=cfg.engine)
-    path = opts.out / "cells" / cell.name / "maps" / meta["checkpoint_hash"][:16]
-    store = MapStore.create_or_open(path, meta=meta, num_maps=len(train),
-                                    map_shape=(h, w, train.images.shape[1]))
+    settings = ExplainSettings.from_config(cfg)
+    store = settings.open_store(opts.out / "cells" / cell.name / "maps", file_sha256(checkpoint),
+                                train)
     init_ray()
     import ray
 
     gpus = default_gpus_per_worker()
     workers = opts.map_workers or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1)))
-    build = partial(load_backbone, checkpoint, model=cfg.model, num_classes=train.num_classes,
-                    input_size=cfg.input_size)
-    compute_store_ray(store, build, train.float_images(), train.labels, workers=workers,
-                      max_evals=meta["max_evals"], masker=meta["masker"],
-                      batch_size=meta["batch_size"], seed=meta["seed"], engine=meta["engine"],
-                      gpus_per_worker=gpus,
-                      progress=True)
-    return path.resolve()
+    compute_store_ray(store, partial(load_stage1, checkpoint, ModelSpec.of(cfg, train)),
+                      train.float_images(), train.labels, settings, workers=workers,
+                      gpus_per_worker=gpus, progress=True)
+    return store.path.resolve()
 
 
 def log_winner(tracker: Tracker, stage_run: str, params: dict, metrics: dict, model: Any) -> None:
@@ -135,34 +124,33 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     # Loaded once, in the driver, before any trial: missing data fails here.
     train, test = load_dataset(base.dataset, base.data_root, download=base.download,
                                image_size=base.image_size)
+    spec = ModelSpec.of(base, train)
     base_dict = {**base.to_dict(), "download": False}
 
-    s1, s1_run = run_stage(opts, tracker, cell, "stage1", cell_run, stage1_trainable,
-                           stage1_space(opts.smoke), base_dict)
-    p1, m1, ckpt1 = best(s1, STAGE1_KEYS)
+    s1, s1_run = run_stage(opts, tracker, cell, "stage1", cell_run,
+                           Space({**stage1_space(opts.smoke).grid, METHOD: ("baseline",)}),
+                           base_dict)
+    p1, m1, ckpt1 = best(s1, STAGE1_SEARCHED)
     opts.log(f"{cell.name} stage 1 winner: {p1} val acc {m1[METRIC]:.4f} "
              f"test acc {m1['test_accuracy']:.4f}")
-    _, meta1 = load_checkpoint(ckpt1)
     winner_cfg = RunConfig.from_dict({**base_dict, **p1})
     maps = compute_maps(opts, winner_cfg, cell, ckpt1, train)
-    log_winner(tracker, s1_run, p1, m1, load_backbone(ckpt1, model=cell.model,
-                                                      num_classes=meta1["num_classes"],
-                                                      input_size=base.input_size))
+    log_winner(tracker, s1_run, p1, m1, load_stage1(ckpt1, spec))
 
+    # Stage 2 and the comparison methods read the stage-1 winner and its map store.
+    on_winner = {**base_dict, STAGE1_CHECKPOINT: str(ckpt1), MAPS: str(maps)}
     space2 = stage2_space(opts.smoke, opts.full_stage2, winner=p1)
-    s2_base = {**base_dict, **p1, STAGE1_CHECKPOINT: str(ckpt1), MAPS: str(maps)}
-    s2, s2_run = run_stage(opts, tracker, cell, "stage2", cell_run, stage2_trainable, space2, s2_base)
+    s2, s2_run = run_stage(opts, tracker, cell, "stage2", cell_run,
+                           Space({**space2.grid, METHOD: ("impactx",)}), {**on_winner, **p1})
     p2, m2, ckpt2 = best(s2, tuple(space2.grid))
     opts.log(f"{cell.name} stage 2 winner: {p2} val acc {m2[METRIC]:.4f} "
              f"test acc {m2['test_accuracy']:.4f}")
-    log_winner(tracker, s2_run, p2, m2, load_impactx(ckpt2, model=cell.model,
-                                                     num_classes=meta1["num_classes"],
-                                                     input_size=base.input_size))
+    log_winner(tracker, s2_run, p2, m2, load_model(ckpt2, spec, METHODS["impactx"])[0])
 
-    # ABN and WAE with the stage-1 winner's hyperparameters (WAE reads the same map store).
-    s3, s3_run = run_stage(opts, tracker, cell, "comparison", cell_run, comparison_trainable,
+    # ABN and WAE with the stage-1 winner's hyperparameters.
+    s3, s3_run = run_stage(opts, tracker, cell, "comparison", cell_run,
                            Space({**{k: (v,) for k, v in p1.items()}, METHOD: ("abn", "wae")}),
-                           {**base_dict, STAGE1_CHECKPOINT: str(ckpt1), MAPS: str(maps)})
+                           on_winner)
     others = {r.config[METHOD]: r for r in s3 if r.error is None and r.checkpoint is not None}
     tracker.metrics(s3_run, {f"{m}_test_accuracy": r.metrics["test_accuracy"]
                              for m, r in others.items()})
@@ -172,13 +160,14 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
            "baseline_test_accuracy": m1["test_accuracy"], "impactx_test_accuracy": m2["test_accuracy"],
            **{f"{m}_test_accuracy": r.metrics["test_accuracy"] for m, r in others.items()},
            "baseline_val_accuracy": m1[METRIC], "impactx_val_accuracy": m2[METRIC],
-           **{k: p1[k] for k in STAGE1_KEYS}, "lam": p2.get("lam"),
+           **{k: p1[k] for k in STAGE1_SEARCHED}, "lam": p2.get("lam"),
            "stage1_failed": len(s1.errors), "stage2_failed": len(s2.errors),
            "comparison_failed": len(s3.errors)}
     if opts.morf_images:
-        row["aopc"] = morf_for_cell(opts, tracker, cell, cell_run, base, test,
-                                    ckpt2, others.get("abn"))
-    tracker.params(cell_run, {k: row[k] for k in (*STAGE1_KEYS, *STAGE2_KEYS)})
+        abn = others.get("abn")
+        row["aopc"] = morf_for_cell(opts, tracker, cell, cell_run, winner_cfg, test, ckpt2,
+                                    Path(abn.checkpoint.path) / "model.pt" if abn else None)
+    tracker.params(cell_run, {k: row[k] for k in (*STAGE1_SEARCHED, *STAGE2_SEARCHED)})
     tracker.metrics(cell_run, {k: v for k, v in row.items() if k.endswith("accuracy")})
     tracker.metrics(cell_run, {f"aopc_{m.replace(' ', '_')}": v
                                for m, v in (row.get("aopc") or {}).items()})
@@ -191,21 +180,18 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
 
 def morf_for_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, cell_run: str,
                   cfg: RunConfig, test: ImageData, impactx_ckpt: Path,
-                  abn_result: Any | None) -> dict[str, float]:
+                  abn_ckpt: Path | None) -> dict[str, float]:
     """MoRF of IMPACTX's maps, SHAP of IMPACTX, ABN and random on test images; figures logged."""
     import torch
 
     from impactx_ray.eval.compare import morf_comparison, write_morf
-    from impactx_ray.train.baselines import load_abn
 
-    spec = {"model": cell.model, "num_classes": test.num_classes, "input_size": cfg.input_size}
+    spec = ModelSpec.of(cfg, test)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    abn = (load_abn(Path(abn_result.checkpoint.path) / "model.pt", **spec)
-           if abn_result is not None else None)
-    curves, maps, x, y = morf_comparison(load_impactx(impactx_ckpt, **spec), test, abn=abn,
-                                         n=opts.morf_images, seed=cfg.seed,
-                                         max_evals=cfg.max_evals, masker=cfg.masker,
-                                         shap_batch_size=cfg.shap_batch_size, device=device)
+    abn = load_model(abn_ckpt, spec, METHODS["abn"])[0] if abn_ckpt is not None else None
+    impactx = load_model(impactx_ckpt, spec, METHODS["impactx"])[0]
+    curves, maps, x, y = morf_comparison(impactx, test, ExplainSettings.from_config(cfg), abn=abn,
+                                         n=opts.morf_images, seed=cfg.seed, device=device)
     summary = write_morf(opts.out / "cells" / cell.name / "morf", curves, maps, x, y,
                          test.classes)
     for figure in summary["figures"]:

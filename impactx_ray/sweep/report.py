@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from impactx_ray.errors import UserError
-from impactx_ray.eval.compare import METHODS, PAPER_TABLE2
+from impactx_ray.eval.compare import PAPER_TABLE2
+from impactx_ray.methods import METHODS
 
-TITLES = {"baseline": "baseline (A)", "impactx": "IMPACTX", "abn": "ABN", "wae": "WAE"}
 HYPER = ("batch_size", "lr", "val_fraction", "lam")
 
 
@@ -43,7 +43,8 @@ def collect_rows(out: Path) -> list[dict[str, Any]]:
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    acc_head = [TITLES[m] for m in METHODS] + [f"paper {TITLES[m]}" for m in METHODS]
+    acc_head = ([m.title for m in METHODS.values()] +
+                [f"paper {m.title}" for m in METHODS.values()])
     head = ["model", "dataset", *acc_head, "batch size", "lr", "val. fraction", "λ"]
     lines = ["# IMPACTX: test accuracy (%) per cell, beside the paper's Table 2", "",
              "Winners selected by validation accuracy; test accuracy is never used for selection. "

@@ -12,11 +12,13 @@ LEARNING_RATES = tuple((1 + 5 * i) / 10_000 for i in range(20))  # 0.0001, 0.000
 VAL_FRACTIONS = (0.05, 0.1, 0.2)
 LAMBDAS = tuple((2 * i) / 10 for i in range(1, 8))  # 0.2, 0.4, …, 1.4
 
-MODELS = ("lenet5", "mobilenet", "efficientnet_b2")
-DATASETS = ("cifar10", "cifar100", "stl10")
+# The paper's experiment: these backbones on these datasets (the cells of Table 2).
+PAPER_MODELS = ("lenet5", "mobilenet", "efficientnet_b2")
+PAPER_DATASETS = ("cifar10", "cifar100", "stl10")
 
-STAGE1_KEYS = ("batch_size", "lr", "val_fraction")
-STAGE2_KEYS = ("lam",)
+# The RunConfig fields each stage searches (Table 1).
+STAGE1_SEARCHED = ("batch_size", "lr", "val_fraction")
+STAGE2_SEARCHED = ("lam",)
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ def stage2_space(smoke: bool = False, full: bool = False,
     lambdas = (0.4, 1.0) if smoke else LAMBDAS
     if full:
         return Space({**stage1_space(smoke).grid, "lam": lambdas})
-    fixed = {k: (v,) for k, v in (winner or {}).items() if k in STAGE1_KEYS}
+    fixed = {k: (v,) for k, v in (winner or {}).items() if k in STAGE1_SEARCHED}
     return Space({**fixed, "lam": lambdas})
 
 
@@ -64,7 +66,8 @@ class Cell:
         return f"{self.model}-{self.dataset.replace(':', '_').replace('/', '_')}"
 
 
-def cells(models: tuple[str, ...] = MODELS, datasets: tuple[str, ...] = DATASETS) -> list[Cell]:
+def cells(models: tuple[str, ...] = PAPER_MODELS,
+          datasets: tuple[str, ...] = PAPER_DATASETS) -> list[Cell]:
     return [Cell(m, d) for m, d in product(models, datasets)]
 
 

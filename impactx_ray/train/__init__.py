@@ -1,8 +1,11 @@
-"""Training: losses, plain loops, the two stages and checkpoint I/O (no Ray, no MLflow)."""
+"""Training: losses, the shared epoch loop, both stages, ABN/WAE and checkpoint I/O (no Ray, no
+MLflow, nothing from ``explain``: maps arrive as arrays)."""
 
-from impactx_ray.train.losses import impactx_loss, scale_maps
-from impactx_ray.train.stage1 import StageResult, build_backbone, train_stage1
-from impactx_ray.train.stage2 import map_targets, train_stage2
+from impactx_ray.train.comparison import train_abn, train_wae
+from impactx_ray.train.loop import StageResult, accuracy, resolve_device
+from impactx_ray.train.losses import impactx_loss
+from impactx_ray.train.stage1 import new_backbone, train_stage1
+from impactx_ray.train.stage2 import train_stage2
 
-__all__ = ["StageResult", "build_backbone", "impactx_loss", "map_targets", "scale_maps",
-           "train_stage1", "train_stage2"]
+__all__ = ["StageResult", "accuracy", "impactx_loss", "new_backbone", "resolve_device",
+           "train_abn", "train_stage1", "train_stage2", "train_wae"]

@@ -1,6 +1,7 @@
 """Checkpoints: a state dict plus a JSON-able ``meta`` dict, saved atomically, loaded safely.
 
-Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint,
+Files are written through ``impactx_ray.io.write_bytes`` (unique temporary name, fsync, rename), so a
+crash never leaves half a checkpoint,
 and they are read with ``weights_only=True`` (no arbitrary pickle execution). The sha256 of the
 file is the checkpoint's identity: map stores record it so maps are never paired with a model
 they were not computed from.
@@ -8,6 +9,7 @@ they were not computed from.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from impactx_ray.errors import UserError
-from impactx_ray.explain.store import file_sha256
+from impactx_ray.io import file_sha256, write_bytes
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor],
@@ -30,10 +32,10 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor],
     if path.exists():
         old = path.with_name(f"{path.stem}.{file_sha256(path)[:12]}{path.suffix}")
         os.replace(path, old)
-    tmp = path.with_name(path.name + ".tmp")
     cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    torch.save({"state_dict": cpu_state, "meta": meta}, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save({"state_dict": cpu_state, "meta": meta}, buf)
+    write_bytes(path, buf.getvalue())
     return file_sha256(path)
 
 

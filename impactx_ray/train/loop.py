@@ -18,12 +18,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from impactx_ray.data import ImageData
+from impactx_ray.errors import UserError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks the GPU when there is one; an explicit ``cuda`` without one is an error."""
-    from impactx_ray.errors import UserError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -51,36 +50,26 @@ def num_batches(n: int, batch_size: int) -> int:
 
 
 @torch.no_grad()
-def predict(logits_fn: Callable[[Tensor], Tensor], data: ImageData, *, batch_size: int = 256,
+def predict(model: nn.Module, data: ImageData, *, batch_size: int = 256,
             device: torch.device, indices: Tensor | None = None) -> Tensor:
-    """Predicted classes for ``data`` (or its ``indices``), as an int64 CPU tensor."""
+    """Predicted classes of ``model`` (put in eval mode) for ``data`` (or its ``indices``), int64 on CPU."""
+    model.eval()
     if indices is None:
         indices = torch.arange(len(data))
-    preds = [logits_fn(data.float_images(idx).to(device)).argmax(dim=1).cpu()
+    preds = [model(data.float_images(idx).to(device)).argmax(dim=1).cpu()
              for idx in index_batches(indices, batch_size)]
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(logits_fn: Callable[[Tensor], Tensor], data: ImageData, *, device: torch.device,
+def accuracy(model: nn.Module, data: ImageData, *, device: torch.device,
              indices: Tensor | None = None, batch_size: int = 256) -> float:
-    """Top-1 accuracy in [0, 1] of ``logits_fn`` on ``data`` (or its ``indices``)."""
+    """Top-1 accuracy in [0, 1] of ``model`` (put in eval mode) on ``data`` (or its ``indices``)."""
     if indices is None:
         indices = torch.arange(len(data))
     if len(indices) == 0:
         return float("nan")
-    preds = predict(logits_fn, data, batch_size=batch_size, device=device, indices=indices)
+    preds = predict(model, data, batch_size=batch_size, device=device, indices=indices)
     return (preds == data.labels[indices]).float().mean().item()
-
-
-def eval_mode(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """A logits function running ``model`` in eval mode (first output when it returns a tuple)."""
-    model.eval()
-
-    def logits_fn(x: Tensor) -> Tensor:
-        out = model(x)
-        return out[0] if isinstance(out, tuple) else out
-
-    return logits_fn
 
 
 def check_finite(loss: Tensor, epoch: int) -> None:
@@ -138,7 +127,7 @@ def fit(label: str, model: nn.Module, step: StepFn, params: list[nn.Parameter], 
             seen += len(idx)
             bar.set_postfix({k: f"{v / seen:.4f}" for k, v in sums.items()}, refresh=False)
         row = {"epoch": epoch, **{f"train_{k}": v / seen for k, v in sums.items()},
-               "val_accuracy": accuracy(eval_mode(model), train, device=device, indices=val_idx)}
+               "val_accuracy": accuracy(model, train, device=device, indices=val_idx)}
         if validate is not None:
             row.update(validate(model))
         history.append(row)

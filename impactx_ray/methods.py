@@ -1,0 +1,212 @@
+"""The method table: every classifier impactx-ray trains and compares, described once.
+
+    method    trains                                checkpoint depends on              needs
+    baseline  A = Q∘M (stage 1)                     STAGE1_SETTINGS                    the data
+    impactx   LEP, D, C around the frozen M         + EXPLAIN_ + STAGE2_SETTINGS        stage-1 model, maps
+    abn       an attention branch on the backbone   STAGE1_SETTINGS                    the data
+    wae       explanation encoder, C around M       + EXPLAIN_SETTINGS + STAGE2_BUDGET  stage-1 model, maps
+
+``impactx run`` and the ``impactx <step>`` commands (through ``runner.py``) and the sweep's
+trainable all go through :func:`train_method`, :func:`checkpoint_meta` and :func:`load_model`, so
+a checkpoint means the same thing whoever wrote it. A new method is one :func:`register_method`
+call: a train function over :class:`TrainInputs` and a builder of its untrained model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from impactx_ray.config import EXPLAIN_SETTINGS, STAGE1_SETTINGS, STAGE2_BUDGET, STAGE2_SETTINGS, RunConfig
+from impactx_ray.data import ImageData
+from impactx_ray.errors import UserError
+from impactx_ray.io import file_sha256
+from impactx_ray.models import ABN, WAE, Backbone, ImpactX, create_backbone
+from impactx_ray.train import StageResult, train_abn, train_stage1, train_stage2, train_wae
+from impactx_ray.train.checkpoint import check_meta, load_checkpoint, load_into
+from impactx_ray.train.loop import EpochCallback
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What rebuilding a model for a checkpoint needs besides the checkpoint's own meta."""
+
+    model: str
+    num_classes: int
+    input_size: int | None = None
+
+    @classmethod
+    def of(cls, cfg: RunConfig, data: ImageData) -> ModelSpec:
+        return cls(cfg.model, data.num_classes, cfg.input_size)
+
+    def backbone(self) -> Backbone:
+        """An untrained backbone of this shape (weights come from the checkpoint)."""
+        return create_backbone(self.model, self.num_classes, pretrained=False,
+                               input_size=self.input_size)
+
+
+@dataclass
+class TrainInputs:
+    """Everything a method's training reads. ``stage1``/``maps`` only for methods on the stage-1 model."""
+
+    cfg: RunConfig
+    data: ImageData                   # the training set: train and validation rows
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    device: torch.device
+    stage1: Path | None = None        # the stage-1 checkpoint (M, frozen)
+    maps: np.ndarray | None = None    # its SHAP maps of ``data``, N×H×W×C
+    on_epoch: EpochCallback | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str                         # --method value, checkpoint kind, result.json prefix
+    title: str                        # how tables and the CLI print it
+    directory: str                    # its folder in a run directory
+    settings: tuple[str, ...]         # RunConfig fields its checkpoint depends on (and records)
+    on_stage1: bool                   # built around the frozen stage-1 model, with stage 2's budget
+    needs_maps: bool                  # trained on the stage-1 model's SHAP maps
+    fit: Callable[[TrainInputs, Backbone | None], StageResult]
+    build: Callable[[ModelSpec, dict[str, Any]], nn.Module]  # untrained, shaped as the meta says
+
+    def epochs(self, cfg: RunConfig) -> int:
+        return cfg.epochs2 if self.on_stage1 else cfg.epochs
+
+
+METHODS: dict[str, Method] = {}
+# Checkpoint kinds written before the method table (runner and sweep of 2026-11).
+LEGACY_KINDS = {"stage1": "baseline", "stage2": "impactx"}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# -- the table ------------------------------------------------------------------------------------
+def _fit_baseline(i: TrainInputs, _: None) -> StageResult:
+    return train_stage1(i.cfg, i.data, i.train_idx, i.val_idx, device=i.device,
+                        on_epoch=i.on_epoch, progress=i.progress)
+
+
+def _fit_impactx(i: TrainInputs, m: Backbone) -> StageResult:
+    return train_stage2(i.cfg, m, i.data, i.maps, i.train_idx, i.val_idx, device=i.device,
+                        on_epoch=i.on_epoch, progress=i.progress)
+
+
+def _fit_abn(i: TrainInputs, _: None) -> StageResult:
+    return train_abn(i.cfg, i.data, i.train_idx, i.val_idx, device=i.device,
+                     on_epoch=i.on_epoch, progress=i.progress)
+
+
+def _fit_wae(i: TrainInputs, m: Backbone) -> StageResult:
+    return train_wae(i.cfg, m, i.data, i.maps, i.train_idx, i.val_idx, device=i.device,
+                     on_epoch=i.on_epoch, progress=i.progress)
+
+
+def _build_baseline(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
+    return spec.backbone()
+
+
+def _build_impactx(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
+    return ImpactX.from_backbone(spec.backbone(), image_size=tuple(meta["image_size"]),
+                                 channels=meta["channels"])
+
+
+def _build_abn(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
+    return ABN(spec.backbone())
+
+
+def _build_wae(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
+    # zeros stand in for the class means: the checkpoint's buffer replaces them
+    means = torch.zeros(spec.num_classes, meta["channels"], *meta["image_size"])  # K×C×H×W
+    return WAE.from_backbone(spec.backbone(), means)
+
+
+BASELINE = register_method(Method("baseline", "baseline (A)", "stage1", STAGE1_SETTINGS,
+                                  on_stage1=False, needs_maps=False, fit=_fit_baseline,
+                                  build=_build_baseline))
+register_method(Method("impactx", "IMPACTX", "stage2",
+                       STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_SETTINGS,
+                       on_stage1=True, needs_maps=True, fit=_fit_impactx, build=_build_impactx))
+register_method(Method("abn", "ABN", "abn", STAGE1_SETTINGS, on_stage1=False, needs_maps=False,
+                       fit=_fit_abn, build=_build_abn))
+register_method(Method("wae", "WAE", "wae", STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_BUDGET,
+                       on_stage1=True, needs_maps=True, fit=_fit_wae, build=_build_wae))
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def checkpoint_meta(method: Method, cfg: RunConfig, data: ImageData, *,
+                    stage1_hash: str | None = None,
+                    result: StageResult | None = None) -> dict[str, Any]:
+    """The meta every checkpoint of ``method`` carries: what it is, what it was made from (the
+    settings it depends on, the stage-1 checkpoint's hash) and, once trained, how it did."""
+    if method.on_stage1 and stage1_hash is None:
+        raise ValueError(f"{method.name} is built on a stage-1 model: pass its stage1_hash")
+    meta: dict[str, Any] = {"kind": method.name, "model": cfg.model,
+                            "num_classes": data.num_classes, "image_size": list(data.image_size),
+                            "channels": int(data.images.shape[1]),
+                            "config": cfg.subset(method.settings)}
+    if stage1_hash is not None:
+        meta["stage1_hash"] = stage1_hash
+    if result is not None:
+        meta.update(best_epoch=result.best_epoch, val_accuracy=result.best_val_accuracy,
+                    seconds=result.seconds)
+    return meta
+
+
+def load_model(path: str | Path, spec: ModelSpec, method: Method | None = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, meta) of a checkpoint of ``method`` (any method when None).
+
+    UserError, on one line, when the file is unreadable or holds another method, model or class
+    count. Old checkpoints (kinds ``stage1``/``stage2``) read as ``baseline``/``impactx``.
+    """
+    state, meta = load_checkpoint(path)
+    kind = LEGACY_KINDS.get(meta.get("kind"), meta.get("kind"))
+    if method is not None and kind != method.name:
+        raise UserError(f"checkpoint {path} holds {kind!r}, but this step needs a {method.name!r} "
+                        "checkpoint; point at the matching checkpoint or redo the stage")
+    check_meta(path, meta, {"model": spec.model, "num_classes": spec.num_classes})
+    owner = get_method(kind)
+    model = load_into(owner.build(spec, meta), state, path, f"{owner.title} on {spec.model}")
+    return model, {**meta, "kind": kind}
+
+
+def load_stage1(path: str | Path, spec: ModelSpec) -> Backbone:
+    """The stage-1 model of a checkpoint; module-level and argument-only so that Ray can ship
+    ``partial(load_stage1, path, spec)`` to map workers, each of which loads it once."""
+    return load_model(path, spec, BASELINE)[0]  # type: ignore[return-value]
+
+
+# -- training -------------------------------------------------------------------------------------
+def train_method(method: Method, inputs: TrainInputs) -> tuple[StageResult, dict[str, Any]]:
+    """Train ``method`` and return (result, its checkpoint meta); nothing is written here."""
+    stage1, stage1_hash = None, None
+    if method.on_stage1:
+        if inputs.stage1 is None:
+            raise ValueError(f"{method.name} needs the stage-1 checkpoint (TrainInputs.stage1)")
+        stage1_hash = file_sha256(inputs.stage1)
+        spec = ModelSpec.of(inputs.cfg, inputs.data)
+        stage1 = load_stage1(inputs.stage1, spec).to(inputs.device).eval()
+    if method.needs_maps and inputs.maps is None:
+        raise ValueError(f"{method.name} needs the stage-1 model's SHAP maps (TrainInputs.maps)")
+    result = method.fit(inputs, stage1)
+    return result, checkpoint_meta(method, inputs.cfg, inputs.data, stage1_hash=stage1_hash,
+                                   result=result)

@@ -1,0 +1,80 @@
+"""The layout of a run directory (``--out``) and its small JSON files.
+
+    config.json            the RunConfig every step reads (sub-commands may override parts of it)
+    <method dir>/model.pt  each method's checkpoint (``methods.METHODS[...].directory``: stage1/,
+                           stage2/, abn/, wae/), + history.json beside it
+    maps/<key>/            map stores (``explain.ExplainSettings`` names them)
+    morf/                  MoRF curves, AOPC and figures (``evaluate --morf``)
+    result.json            test accuracies of every method, hyperparameters, timings
+    timings.json           seconds per step and maps/s, merged across commands
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from impactx_ray.config import RunConfig
+from impactx_ray.io import file_sha256, read_json, write_json
+from impactx_ray.methods import BASELINE, Method
+from impactx_ray.train.checkpoint import load_checkpoint
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
+    @property
+    def maps(self) -> Path:
+        return self.root / "maps"
+
+    @property
+    def morf(self) -> Path:
+        return self.root / "morf"
+
+    def checkpoint(self, method: Method) -> Path:
+        return self.root / method.directory / "model.pt"
+
+    def history(self, method: Method) -> Path:
+        return self.root / method.directory / "history.json"
+
+    def saved_config(self) -> dict[str, Any] | None:
+        """The saved config.json as a dict, or None when there is none yet."""
+        return read_json(self.config) if self.config.exists() else None
+
+    def load_config(self, overrides: dict[str, Any]) -> RunConfig:
+        """The run's saved config with ``overrides`` applied (validated; nothing is written)."""
+        saved = read_json(self.config, hint=f"run `impactx run --out {self.root}` first")
+        return RunConfig.from_saved(saved, overrides)
+
+    def record_timings(self, **timings: float) -> dict[str, float]:
+        """Merge ``timings`` into timings.json (steps may run in separate commands)."""
+        merged = {**(read_json(self.timings) if self.timings.exists() else {}), **timings}
+        write_json(self.timings, merged)
+        return merged
+
+    def holds(self, method: Method, cfg: RunConfig) -> bool:
+        """Whether the method's checkpoint here was made with ``cfg`` (its settings) and, for the
+        methods on the stage-1 model, from the stage-1 checkpoint here."""
+        path = self.checkpoint(method)
+        if not path.exists():
+            return False
+        _, meta = load_checkpoint(path)
+        stage1 = self.checkpoint(BASELINE)
+        if "stage1_hash" in meta and (not stage1.exists() or
+                                      meta["stage1_hash"] != file_sha256(stage1)):
+            return False
+        return meta.get("config") == cfg.subset(method.settings)
