@@ -10,6 +10,7 @@ temporary file.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import uuid
@@ -58,9 +59,18 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, exclusive: bool = 
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """``obj`` as indented, key-sorted JSON, written atomically."""
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool = True) -> None:
+    """``obj`` as indented JSON (keys sorted unless ``sort_keys=False``), written atomically."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode())
+
+
+def write_npy(path: str | os.PathLike[str], array: Any) -> None:
+    """A NumPy array as ``.npy`` (no pickle), written atomically."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    write_bytes(path, buf.getvalue())
 
 
 def read_json(path: str | os.PathLike[str], *, hint: str = "") -> Any:

@@ -6,7 +6,6 @@ Plain PyTorch/NumPy (matplotlib only when figures are written); no Ray, no MLflo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from impactx_ray.data import ImageData
 from impactx_ray.eval.morf import aopc, morf_curve, random_maps
 from impactx_ray.explain import ExplainSettings, explain_true_class
+from impactx_ray.io import write_json, write_npy
 
 # Paper Table 2: test accuracy (%) per (dataset, model) for baseline A, IMPACTX, ABN and WAE.
 PAPER_TABLE2: dict[tuple[str, str], dict[str, float]] = {
@@ -76,7 +76,7 @@ def write_morf(out: Path, curves: dict[str, np.ndarray], maps: dict[str, np.ndar
 
     out.mkdir(parents=True, exist_ok=True)
     for name, c in curves.items():
-        np.save(out / f"morf_{name.replace(' ', '_')}.npy", c)
+        write_npy(out / f"morf_{name.replace(' ', '_')}.npy", c)
     scores = {name: aopc(c) for name, c in curves.items()}
     k = min(examples, len(images))
     figures = [
@@ -87,5 +87,5 @@ def write_morf(out: Path, curves: dict[str, np.ndarray], maps: dict[str, np.ndar
     ]
     summary = {"aopc": scores, "images": int(len(images)), "steps": int(next(iter(
         curves.values())).shape[1] - 1), "figures": [str(f) for f in figures]}
-    (out / "morf.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "morf.json", summary, sort_keys=False)
     return summary

@@ -6,6 +6,7 @@ explicitly (``impactx_ray.eval`` does not, to keep matplotlib out of training pr
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from impactx_ray.eval.morf import aopc  # noqa: E402
+from impactx_ray.io import write_bytes  # noqa: E402
 
 
 def _to_numpy(a: object) -> np.ndarray:
@@ -104,7 +106,8 @@ def plot_mean_morf(path: str | Path, curves_by_method: Mapping[str, object]) -> 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
     plt.close(fig)
+    write_bytes(path, buf.getvalue())
     return path

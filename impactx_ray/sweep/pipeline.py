@@ -12,7 +12,6 @@ and MLflow runs are found again by key instead of duplicated.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, load_dataset
 from impactx_ray.errors import UserError
 from impactx_ray.explain import ExplainSettings
-from impactx_ray.io import file_sha256
+from impactx_ray.io import file_sha256, write_json
 from impactx_ray.methods import METHODS, ModelSpec, load_model, load_stage1
 from impactx_ray.sweep.report import write_summary
 from impactx_ray.sweep.spaces import (STAGE1_SEARCHED, STAGE2_SEARCHED, Cell, Space, stage1_space,
@@ -172,9 +171,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     tracker.metrics(cell_run, {f"aopc_{m.replace(' ', '_')}": v
                                for m, v in (row.get("aopc") or {}).items()})
     tracker.finish(cell_run)
-    cell_dir = opts.out / "cells" / cell.name
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    (cell_dir / "result.json").write_text(json.dumps(row, indent=2) + "\n")
+    write_json(opts.out / "cells" / cell.name / "result.json", row, sort_keys=False)
     return row
 
 

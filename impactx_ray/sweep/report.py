@@ -7,11 +7,13 @@ Rows come from a run directory (``result.json``) or a sweep directory (``cells/*
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 from impactx_ray.errors import UserError
+from impactx_ray.io import write_bytes
 from impactx_ray.eval.compare import PAPER_TABLE2
 from impactx_ray.methods import METHODS
 
@@ -73,7 +75,7 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """Write ``summary.md`` and ``summary.csv`` into ``out``, print the table, return the paths."""
     md, csv_path = out / "summary.md", out / "summary.csv"
     text = summary_markdown(rows)
-    md.write_text(text)
+    write_bytes(md, text.encode())
     flat = []
     for r in rows:
         paper = PAPER_TABLE2.get((r.get("dataset"), r.get("model")), {})
@@ -81,10 +83,11 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
                      **{f"aopc_{m}": v for m, v in (r.get("aopc") or {}).items()},
                      **{f"paper_{m}_test_accuracy": paper[m] / 100 for m in paper}})
     keys = list(dict.fromkeys(k for r in flat for k in r))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(flat)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(flat)
+    write_bytes(csv_path, buf.getvalue().encode())
     print(text, flush=True)
     return [md, csv_path]
 
