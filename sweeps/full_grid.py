@@ -12,6 +12,7 @@ Rerun the same command with the same --out to resume an interrupted sweep.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from impactx_ray.sweep.spaces import (PAPER_DATASETS, PAPER_MODELS, STAGE1_SEARC
 SMOKE = {"models": ["lenet5"], "datasets": ["digits"], "epochs": 3, "max_evals": 100,
          "morf_images": 50}
 FULL = {"epochs": 30, "max_evals": 2000, "morf_images": 200}
+# Set by Ray's job supervisor in the environment of every job's entrypoint.
+JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Set per cell (--models, --datasets) or searched by the grids: not flags of a sweep.
 NOT_FLAGS = ("model", "dataset", *STAGE1_SEARCHED, *STAGE2_SEARCHED)
 
@@ -52,9 +55,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_out_outlives_the_job(out: Path) -> None:
+    """A Ray job runs in a copy of ``--working-dir`` that Ray deletes with its session: a relative
+    ``--out`` would put the sweep (checkpoints, maps, the embedded MLflow store) there."""
+    if os.environ.get(JOB_ENV_VAR) and not out.is_absolute():
+        raise UserError(f"--out {out} is relative, and this runs as a Ray job: it would land in "
+                        f"the job's temporary working directory ({Path.cwd()}) and be lost with "
+                        "the Ray session; pass an absolute path on storage that outlives the "
+                        "job, e.g. --out $HOME/impactx-runs/sweep (shared storage on a "
+                        "multi-node cluster)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
+        check_out_outlives_the_job(args.out)
         models = args.models or (SMOKE["models"] if args.smoke else list(PAPER_MODELS))
         datasets = args.datasets or (SMOKE["datasets"] if args.smoke else list(PAPER_DATASETS))
         cell_list = cells(tuple(models), tuple(datasets))

@@ -2,6 +2,7 @@
 a crashing trial; ``ray job submit`` against a local head."""
 
 import csv
+import json
 import os
 import signal
 import sqlite3
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster import LocalCluster, MlflowServer
 
 from impactx_ray.sweep.report import summary_markdown, write_summary
 from impactx_ray.sweep.spaces import (LAMBDAS, LEARNING_RATES, cells, plan, stage1_space,
@@ -52,6 +54,18 @@ def test_bad_sweep_arguments_are_one_line_errors():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "full_grid.py: error: --epochs must be an integer >= 1, got 0"]
+
+
+def test_relative_out_in_a_ray_job_is_refused(tmp_path):
+    """In a job, the working directory is Ray's temporary copy of --working-dir."""
+    env = {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", "runs/sweep"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("full_grid.py: error: --out runs/sweep is relative, and this runs as "
+                           "a Ray job") and str(tmp_path) in line
+    assert not (tmp_path / "runs").exists()
 
 
 def test_summary_files(tmp_path):
@@ -141,28 +155,40 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_smoke_sweep(tmp_path):
-    bin_dir = Path(sys.executable).parent
-    ray_exe = str(bin_dir / "ray")
-    # A throwaway single-machine cluster: no token authentication (Ray 2.60 enables it by default).
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    # the job's `python` is the cluster's: this environment's interpreter
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    start = subprocess.run([ray_exe, "start", "--head", "--port", "6399", "--num-cpus", "2",
-                            "--dashboard-port", "8299", "--include-dashboard", "true",
-                            "--disable-usage-stats"], capture_output=True, text=True, env=env,
-                           timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
-    try:
+def test_ray_job_submit_with_token_auth_logs_to_an_mlflow_server(tmp_path):
+    """The README's cluster path: a head with Ray's default token auth, the smoke sweep submitted
+    as a job from the repository (``--working-dir .``), every run in a real MLflow server."""
+    with LocalCluster(tmp_path / "cluster") as cluster, MlflowServer(tmp_path / "mlflow") as uri:
+        # auth is really on: a client without RAY_AUTH_MODE=token is turned away
+        bare = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+        refused = cluster.ray("job", "list", "--address", cluster.dashboard, env=bare, timeout=120)
+        assert refused.returncode != 0 and "Token authentication is enabled" in refused.stderr
         out = tmp_path / "job-sweep"
         job = subprocess.run(
-            [ray_exe, "job", "submit", "--address", "http://127.0.0.1:8299", "--working-dir",
-             str(ROOT), "--", "python", "sweeps/full_grid.py", *FAST_SMOKE, "--out", str(out)],
-            capture_output=True, text=True, env=env, timeout=900)
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
+             cluster.dashboard, "--working-dir", ".", "--runtime-env-json",
+             json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}), "--", "python",
+             "sweeps/full_grid.py", *FAST_SMOKE, "--out", str(out)],
+            cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=900)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-        assert "succeeded" in job.stdout
-        assert (out / "summary.md").exists()
-        assert len(trial_runs(out / "mlflow.db")) == 4
-    finally:
-        subprocess.run([ray_exe, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        assert "succeeded" in job.stdout and (out / "summary.md").exists()
+        assert not (out / "mlflow.db").exists()  # the server was used, not the embedded store
+
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("impactx").experiment_id],
+                                  max_results=100)
+        trial = next(r for r in runs if "/stage1/" in r.data.tags["impactx.key"])
+        history = client.get_metric_history(trial.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2, 3]  # one point per epoch
+    key = {r.info.run_id: r.data.tags["impactx.key"] for r in runs}
+    parent = {key[r.info.run_id]: key.get(r.data.tags.get("mlflow.parentRunId")) for r in runs}
+    trials = [r for r in runs if key[r.info.run_id].count("/") == 2]
+    assert len(trials) == 6  # 2 stage-1, 2 stage-2, ABN and WAE
+    assert all(r.info.status == "FINISHED" and "best_val_accuracy" in r.data.metrics
+               for r in trials)
+    for r in trials:  # trial → stage → cell → sweep
+        stage = parent[key[r.info.run_id]]
+        assert stage == key[r.info.run_id].rsplit("/", 1)[0]
+        assert parent[stage] == "lenet5-digits" and parent["lenet5-digits"] == "sweep"

@@ -126,8 +126,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     spec = ModelSpec.of(base, train)
     base_dict = {**base.to_dict(), "download": False}
 
-    s1, s1_run = run_stage(opts, tracker, cell, "stage1", cell_run,
-                           Space({**stage1_space(opts.smoke).grid, METHOD: ("baseline",)}),
+    s1, s1_run = run_stage(opts, tracker, cell, "stage1", cell_run, stage1_space(opts.smoke),
                            base_dict)
     p1, m1, ckpt1 = best(s1, STAGE1_SEARCHED)
     opts.log(f"{cell.name} stage 1 winner: {p1} val acc {m1[METRIC]:.4f} "
@@ -139,8 +138,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     # Stage 2 and the comparison methods read the stage-1 winner and its map store.
     on_winner = {**base_dict, STAGE1_CHECKPOINT: str(ckpt1), MAPS: str(maps)}
     space2 = stage2_space(opts.smoke, opts.full_stage2, winner=p1)
-    s2, s2_run = run_stage(opts, tracker, cell, "stage2", cell_run,
-                           Space({**space2.grid, METHOD: ("impactx",)}), {**on_winner, **p1})
+    s2, s2_run = run_stage(opts, tracker, cell, "stage2", cell_run, space2, {**on_winner, **p1})
     p2, m2, ckpt2 = best(s2, tuple(space2.grid))
     opts.log(f"{cell.name} stage 2 winner: {p2} val acc {m2[METRIC]:.4f} "
              f"test acc {m2['test_accuracy']:.4f}")
