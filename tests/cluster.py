@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -126,28 +127,83 @@ class LocalCluster:
                               text=True, timeout=timeout)
 
 
+def postgres_bin() -> Path | None:
+    """The directory of Debian's PostgreSQL server binaries, when installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+class Postgres:
+    """``with Postgres(bin_dir) as url:`` a throwaway PostgreSQL server on 127.0.0.1 (initdb into
+    a temp dir of its own, trust auth, database ``mlflow``), run as the ``postgres`` user when
+    we are root (PostgreSQL refuses to run as root, and pytest's tmp dirs are root-only)."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin, (self.port,) = bin_dir, free_ports(1)
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def _run(self, *cmd: str) -> None:
+        subprocess.run([*self.as_user, *cmd], check=True, capture_output=True, timeout=120)
+
+    def __enter__(self) -> str:
+        self.root = Path(tempfile.mkdtemp(prefix="ixr-pg-"))
+        if self.as_user:
+            shutil.chown(self.root, "postgres")
+        data = self.root / "data"
+        self._run(str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow")
+        self.log = self.root / "postgres.log"
+        self.proc = subprocess.Popen(
+            [*self.as_user, str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port),
+             "-k", str(self.root), "-c", "listen_addresses=127.0.0.1"],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 60
+        while True:
+            try:
+                self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+                          "-U", "mlflow", "mlflow")
+                break
+            except subprocess.CalledProcessError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    stop_session(self.proc)
+                    raise RuntimeError(f"PostgreSQL did not start: {self.log.read_text()[-2000:]}")
+                time.sleep(0.3)
+        return f"postgresql://mlflow@127.0.0.1:{self.port}/mlflow"
+
+    def __exit__(self, *exc: object) -> None:
+        stop_session(self.proc)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 class MlflowServer:
-    """``with MlflowServer(tmp) as uri:`` an ``mlflow server`` on 127.0.0.1 over HTTP, with its
-    SQLite backend store and served artifacts in ``root``."""
+    """``with MlflowServer(tmp) as uri:`` an ``mlflow server`` on 127.0.0.1 over HTTP with served
+    artifacts in ``root``, backed by PostgreSQL (as on a cluster) when Debian's PostgreSQL is
+    installed, else by SQLite (``self.backend`` says which)."""
 
     def __init__(self, root: Path) -> None:
         self.root, (self.port,) = root, free_ports(1)
         self.uri = f"http://127.0.0.1:{self.port}"
+        bin_dir = postgres_bin()
+        self.postgres = Postgres(bin_dir) if bin_dir else None
+        self.backend = "postgresql" if self.postgres else "sqlite"
 
     def __enter__(self) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
+        store = (self.postgres.__enter__() if self.postgres
+                 else f"sqlite:///{self.root / 'mlflow.db'}")
         self.log = self.root / "mlflow.log"
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--workers", "1", "--backend-store-uri", store,
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_http(f"{self.uri}/health", self.proc, self.log)
         except BaseException:
-            stop_session(self.proc)
+            self.__exit__()
             raise
         return self.uri
 
     def __exit__(self, *exc: object) -> None:
         stop_session(self.proc)
+        if self.postgres:
+            self.postgres.__exit__()
