@@ -37,6 +37,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="digits, LeNet-5, 2 stage-1 "
                    "configurations, 2 λ values, few epochs and evaluations")
     p.add_argument("--dry-run", action="store_true", help="print the cells and trial counts")
+    p.add_argument("--name", help="the sweep's name: its MLflow experiment is impactx/NAME "
+                   "(default: --out's folder name and a hash of its path)")
+    p.add_argument("--restart", action="store_true", help="start afresh on an --out that holds "
+                   "a sweep with other settings; its files move to <out>/previous/<time>/")
     p.add_argument("--models", nargs="+", help=f"default: {' '.join(PAPER_MODELS)}")
     p.add_argument("--datasets", nargs="+", help=f"default: {' '.join(PAPER_DATASETS)}")
     p.add_argument("--stage2-space", choices=("lambda", "full"), default="lambda",
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, cell_list: list) -> int:
-    from impactx_ray.sweep.pipeline import options_from, run_sweep
+    from impactx_ray.sweep.pipeline import claim_out, options_from, run_sweep
     from impactx_ray.sweep.tracking import tracking_uri
 
     preset = SMOKE if args.smoke else FULL
@@ -95,13 +99,14 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
         args.out, cell_list, smoke=args.smoke, full_stage2=args.stage2_space == "full",
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial or 0.0,
         map_workers=args.map_workers, max_failures=args.max_failures, morf_images=morf_images,
-        **base)
+        name=args.name, restart=args.restart, **base)
     from impactx_ray.data import load_dataset
 
     for name in dict.fromkeys(c.dataset for c in cell_list):  # missing data: fail before Ray
         load_dataset(name, base["data_root"], download=base.get("download", False),
                      image_size=base.get("image_size", 32))
 
+    sweep = claim_out(opts)  # resume only with the same settings: checked before Ray starts
     import ray
 
     from impactx_ray.explain.actors import init_ray
@@ -109,7 +114,7 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
     init_ray()  # plain ray.init(): RAY_ADDRESS when set, else a local Ray
     if args.gpus_per_trial is None and ray.cluster_resources().get("GPU", 0) > 0:
         opts.gpus_per_trial = 0.5 if args.smoke else 1.0
-    rows = run_sweep(opts)
+    rows = run_sweep(opts, sweep)
     uri = tracking_uri(args.out)
     print(f"summary: {args.out / 'summary.md'}")
     print(f"compare the trials: mlflow ui --backend-store-uri {uri}"

@@ -4,6 +4,7 @@ a crashing trial; ``ray job submit`` against a local head."""
 import csv
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -79,8 +80,14 @@ def test_summary_files(tmp_path):
     assert summary_markdown(rows) == md.read_text()
 
 
+def _unprefixed(key: str | None) -> str | None:
+    """A run key without its sweep's id (``1a2b3c4d/lenet5-digits/stage1`` -> ``lenet5-digits/stage1``)."""
+    return re.sub(r"^[0-9a-f]{8}/", "", key) if key else key
+
+
 def trial_runs(db: Path) -> list[tuple[str, str, str]]:
-    """(impactx.key, status, parent key) of every trial run in an MLflow SQLite store."""
+    """(impactx.key, status, parent key) of every trial run in an MLflow SQLite store, keys
+    without the sweep's id."""
     con = sqlite3.connect(db)
     rows = con.execute(
         "select t.value, r.status, (select p.value from tags p where p.run_uuid = "
@@ -89,7 +96,7 @@ def trial_runs(db: Path) -> list[tuple[str, str, str]]:
         "from runs r join tags t on t.run_uuid = r.run_uuid where t.key = 'impactx.key' "
         "and t.value like '%/stage%/%'").fetchall()
     con.close()
-    return rows
+    return [(_unprefixed(k), status, _unprefixed(parent)) for k, status, parent in rows]
 
 
 def wait_for_trial_metrics(db: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -139,7 +146,7 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
     for key, _, _ in runs:
         params = dict(con.execute(
             "select p.key, p.value from params p join tags t on t.run_uuid = p.run_uuid "
-            "where t.key = 'impactx.key' and t.value = ?", (key,)).fetchall())
+            "where t.key = 'impactx.key' and t.value like ?", ("%" + key,)).fetchall())
         assert {"batch_size", "lr", "val_fraction", "lam"} <= set(params)
     summary = (out / "summary.md").read_text()
     row = next(line for line in summary.splitlines() if line.startswith("| lenet5 | digits |"))
@@ -177,12 +184,12 @@ def test_ray_job_submit_with_token_auth_logs_to_an_mlflow_server(tmp_path):
         from mlflow import MlflowClient
 
         client = MlflowClient(uri)
-        runs = client.search_runs([client.get_experiment_by_name("impactx").experiment_id],
-                                  max_results=100)
+        (experiment,) = [e for e in client.search_experiments() if e.name.startswith("impactx/")]
+        runs = client.search_runs([experiment.experiment_id], max_results=100)
         trial = next(r for r in runs if "/stage1/" in r.data.tags["impactx.key"])
         history = client.get_metric_history(trial.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2, 3]  # one point per epoch
-    key = {r.info.run_id: r.data.tags["impactx.key"] for r in runs}
+    key = {r.info.run_id: _unprefixed(r.data.tags["impactx.key"]) for r in runs}
     parent = {key[r.info.run_id]: key.get(r.data.tags.get("mlflow.parentRunId")) for r in runs}
     trials = [r for r in runs if key[r.info.run_id].count("/") == 2]
     assert len(trials) == 6  # 2 stage-1, 2 stage-2, ABN and WAE

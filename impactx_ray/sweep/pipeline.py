@@ -12,6 +12,7 @@ and MLflow runs are found again by key instead of duplicated.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,7 @@ from impactx_ray.errors import UserError
 from impactx_ray.explain import ExplainSettings
 from impactx_ray.io import file_sha256, write_json
 from impactx_ray.methods import METHODS, ModelSpec, load_model, load_stage1
+from impactx_ray.sweep.identity import SweepIdentity, claim
 from impactx_ray.sweep.report import write_summary
 from impactx_ray.sweep.spaces import (STAGE1_SEARCHED, STAGE2_SEARCHED, Cell, Space, stage1_space,
                                       stage2_space)
@@ -47,7 +49,15 @@ class SweepOptions:
     map_workers: int | None = None        # None: one per GPU in the cluster, else one per CPU
     morf_images: int = 200                # test images for MoRF (0: skip MoRF)
     max_failures: int = 0
+    name: str | None = None               # the sweep's name (default: from --out)
+    restart: bool = False                 # start afresh, the old results kept aside
     log: Callable[[str], None] = field(default=print)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the sweep's results: a resumed sweep must be asked for the same."""
+        return json.loads(json.dumps({
+            "cells": [c.name for c in self.cells], "smoke": self.smoke,
+            "full_stage2": self.full_stage2, "morf_images": self.morf_images, **self.base}))
 
 
 def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, parent: str,
@@ -194,10 +204,21 @@ def morf_for_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, cell_run: st
     return summary["aopc"]
 
 
-def run_sweep(opts: SweepOptions) -> list[dict[str, Any]]:
+def claim_out(opts: SweepOptions) -> SweepIdentity:
+    """The sweep's identity in ``--out``, checked against a sweep already there (before Ray
+    starts; a mismatch is a one-line UserError and changes nothing)."""
     opts.out.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(tracking_uri(opts.out), artifact_location=artifact_location(opts.out))
-    sweep_run = tracker.run("sweep", f"sweep {opts.out.resolve().name}")
+    return claim(opts.out, opts.settings(), name=opts.name, restart=opts.restart, log=opts.log)
+
+
+def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[dict[str, Any]]:
+    sweep = sweep or claim_out(opts)
+    opts.log(f"sweep {sweep.name}: MLflow experiment {sweep.experiment!r} at "
+             f"{tracking_uri(opts.out)}")
+    tracker = Tracker(tracking_uri(opts.out), experiment=sweep.experiment,
+                      artifact_location=artifact_location(opts.out),
+                      key_prefix=sweep.key(""), tags={"impactx.sweep": sweep.name})
+    sweep_run = tracker.run("sweep", f"sweep {sweep.name}")
     tracker.params(sweep_run, {"smoke": opts.smoke, "full_stage2": opts.full_stage2,
                                "cells": ",".join(c.name for c in opts.cells),
                                **{k: v for k, v in opts.base.items() if v is not None}})

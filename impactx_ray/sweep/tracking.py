@@ -43,14 +43,16 @@ class Tracker:
     """Get-or-create runs by key and log to them, without MLflow's global active-run state."""
 
     def __init__(self, uri: str, experiment: str = EXPERIMENT,
-                 artifact_location: str | None = None) -> None:
+                 artifact_location: str | None = None, key_prefix: str = "",
+                 tags: dict[str, str] | None = None) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
+        self.key_prefix = key_prefix      # the sweep's id: keys of another sweep never match
+        self.run_tags = dict(tags or {})  # set on every run this tracker creates
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its experiment state
-        return {"uri": self.uri, "experiment": self.experiment, "_client": None,
-                "_experiment_id": None, "artifact_location": self.artifact_location}
+        return {**self.__dict__, "_client": None, "_experiment_id": None}
 
     @property
     def client(self) -> MlflowClient:
@@ -65,6 +67,7 @@ class Tracker:
     def run(self, key: str, name: str, parent: str | None = None) -> str:
         """The id of the run tagged ``key``, created (under ``parent``) if there is none yet."""
         client = self.client
+        key = self.key_prefix + key
         found = client.search_runs([self._experiment_id], f"tags.`{KEY_TAG}` = '{key}'",
                                    max_results=1)
         if found:
@@ -72,7 +75,7 @@ class Tracker:
             if found[0].info.status != "FINISHED":
                 client.update_run(run_id, status="RUNNING")
             return run_id
-        tags = {KEY_TAG: key}
+        tags = {**self.run_tags, KEY_TAG: key}
         if parent is not None:
             tags["mlflow.parentRunId"] = parent
         return client.create_run(self._experiment_id, tags=tags, run_name=name).info.run_id
@@ -113,6 +116,7 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
 
     def is_finished(self, key: str) -> bool:
+        key = self.key_prefix + key
         found = self.client.search_runs([self._experiment_id], f"tags.`{KEY_TAG}` = '{key}'",
                                         max_results=1)
         return bool(found) and found[0].info.status == "FINISHED"
