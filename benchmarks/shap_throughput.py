@@ -99,7 +99,8 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=max(args.workers, 1), logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=max(args.workers, 1), logging_level="ERROR",
+             log_to_driver=False)
     train, _ = load_dataset("digits")
     images, labels = train.float_images(torch.arange(args.images)), train.labels[:args.images]
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,6 +51,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--map-workers", type=int, help="SHAP map workers (default: one per GPU, "
                    "else one per CPU)")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial")
+    p.add_argument("--allow-failures", action="store_true", help="exit 0 even when trials "
+                   "failed (the sweep always goes on without them)")
     p.add_argument("--morf-images", type=int, help="test images for the MoRF comparison "
                    "(default 200; smoke 50; 0 skips it)")
     # Every other RunConfig flag, defined once with `impactx`'s (defaults: 30 epochs, 2000
@@ -78,12 +80,35 @@ def main(argv: list[str] | None = None) -> int:
         datasets = args.datasets or (SMOKE["datasets"] if args.smoke else list(PAPER_DATASETS))
         cell_list = cells(tuple(models), tuple(datasets))
         if args.dry_run:
-            print("\n".join(plan(cell_list, args.smoke, args.stage2_space == "full")))
-            return 0
+            return dry_run(args, cell_list)
         return run(args, cell_list)
     except UserError as e:
         print(f"full_grid.py: error: {e}", file=sys.stderr)
         return 2
+
+
+def dry_run(args: argparse.Namespace, cell_list: list) -> int:
+    """Check the names, say which data is missing, print every stage's trial count; no Ray."""
+    from impactx_ray.data import check_data_present, check_dataset_name
+    from impactx_ray.models import check_backbone_name
+
+    for cell in cell_list:
+        check_backbone_name(cell.model)
+        check_dataset_name(cell.dataset)
+    print("\n".join(plan(cell_list, args.smoke, args.stage2_space == "full")))
+    root = getattr(args, "data_root", "./data")
+    missing = 0
+    for name in dict.fromkeys(c.dataset for c in cell_list):
+        try:
+            check_data_present(name, root, getattr(args, "image_size", 32))
+            print(f"data {name}: present")
+        except UserError as e:
+            missing += 1
+            print(f"data {name}: {e}")
+    if missing and not getattr(args, "download", False):
+        print(f"{missing} dataset(s) missing: put them in place, or pass --download, before "
+              "the real run (it stops before starting Ray otherwise)")
+    return 0
 
 
 def run(args: argparse.Namespace, cell_list: list) -> int:
@@ -119,9 +144,13 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
     print(f"summary: {args.out / 'summary.md'}")
     print(f"compare the trials: mlflow ui --backend-store-uri {uri}"
           if uri.startswith("sqlite") else f"MLflow: {uri}")
-    failed = sum(r["stage1_failed"] + r["stage2_failed"] + r["comparison_failed"] for r in rows)
+    failed = sum(r.get(k, 0) for r in rows for k in ("stage1_failed", "stage2_failed",
+                                                     "comparison_failed", "failed_trials"))
     if failed:
-        print(f"{failed} trials failed; see the FAILED runs in MLflow", file=sys.stderr)
+        print(f"{failed} trials failed; see the FAILED runs in MLflow"
+              + ("" if args.allow_failures else " (exit status 1; --allow-failures: 0)"),
+              file=sys.stderr)
+        return 0 if args.allow_failures else 1
     return 0
 
 

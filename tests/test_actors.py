@@ -33,7 +33,7 @@ def build_model(pid_dir: str | None = None, driver_pid: int | None = None) -> to
 def ray_local():
     # Workers unpickle this module's build_model by reference: let them import it.
     path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()

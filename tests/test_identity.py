@@ -83,3 +83,4 @@ def test_full_grid_refuses_a_rerun_with_other_settings(tmp_path):
     assert line.startswith(f"full_grid.py: error: {out} holds a sweep started with ")
     assert "epochs=None (asked: 5)" in line and "--restart" in line
     assert (out / RECORD).read_bytes() == before and sorted(p.name for p in out.iterdir()) == [RECORD]
+

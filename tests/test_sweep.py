@@ -42,11 +42,22 @@ def test_dry_run_counts_without_starting_ray():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "9 cells; per cell: 180 stage-1 trials + 7 stage-2 trials = 187" in proc.stdout
-    assert "total: 1620 stage-1 + 63 stage-2 = 1683 trials" in proc.stdout
+    assert ("9 cells; per cell: 180 stage-1 + 7 stage-2 + 2 comparison (ABN, WAE) trials = 189"
+            in proc.stdout)
+    assert "total: 1620 stage-1 + 63 stage-2 + 18 comparison = 1701 trials" in proc.stdout
+    assert "data cifar10: cifar10 not found under" in proc.stdout  # no CIFAR here: said, not fatal
     assert "ray imported: False" in proc.stdout
     assert plan(cells(("lenet5",), ("digits",)), smoke=True)[-1] == \
-        "total: 2 stage-1 + 2 stage-2 = 4 trials"
+        "total: 2 stage-1 + 2 stage-2 + 2 comparison = 6 trials"
+
+
+def test_dry_run_rejects_unknown_names():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--models", "resnet_nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "full_grid.py: error: unknown backbone 'resnet_nope'; use one of efficientnet_b2, "
+        "lenet5, mobilenet, mobilenet_v2 or a timm model name (see timm.list_models())"]
 
 
 def test_bad_sweep_arguments_are_one_line_errors():
@@ -199,3 +210,33 @@ def test_ray_job_submit_with_token_auth_logs_to_an_mlflow_server(tmp_path):
         stage = parent[key[r.info.run_id]]
         assert stage == key[r.info.run_id].rsplit("/", 1)[0]
         assert parent[stage] == "lenet5-digits" and parent["lenet5-digits"] == "sweep"
+
+
+@pytest.mark.slow
+def test_a_stage_whose_trials_all_fail_stops_its_cell_not_the_sweep(tmp_path):
+    """NaN losses (stage-2 lr 1e30): every stage-2 trial FAILED in Tune and MLflow, the cell
+    stops with one line, the summary is written, and the exit status says trials failed."""
+    out = tmp_path / "nan"
+    cmd = [sys.executable, str(SCRIPT), *FAST_SMOKE, "--morf-images", "0", "--stage2-lr", "1e30",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lenet5-digits: stopped: none of its 2 trials finished (first error:" in proc.stdout
+    assert "FloatingPointError" in proc.stdout or "loss became" in proc.stdout
+    assert "2 trials failed; see the FAILED runs in MLflow" in proc.stderr
+    runs = trial_runs(out / "mlflow.db")
+    assert sorted(status for key, status, _ in runs if "/stage2/" in key) == ["FAILED", "FAILED"]
+    assert all(status == "FINISHED" for key, status, _ in runs if "/stage1/" in key)
+    assert "| lenet5 | digits | – |" in (out / "summary.md").read_text()
+
+
+def test_progress_line():
+    from impactx_ray.sweep.progress import progress_line
+
+    line = progress_line("lenet5-cifar10/stage1", ["TERMINATED"] * 10 + ["ERROR"] * 2
+                         + ["RUNNING"] * 2 + ["PENDING"] * 166, 0.6421, 720.0, 180)
+    # 12 of 180 finished in 12 min: 168 more take 168 min
+    assert line == ("lenet5-cifar10/stage1: 10/180 done, 2 running, 2 failed; best val acc "
+                    "0.6421; 0:12:00 elapsed, ETA 2:48:00")
+    assert progress_line("s", ["PENDING"], None, 3.0, 1) == \
+        "s: 0/1 done, 0 running, 0 failed; no result yet; 0:00:03 elapsed"

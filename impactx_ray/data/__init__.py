@@ -7,6 +7,7 @@ the SHAP maps as training data (per-image scaling, decoder targets, per-class me
 from impactx_ray.data.datasets import (
     BUILTIN_DATASETS,
     ImageData,
+    check_data_present,
     check_dataset_name,
     dataset_fingerprint,
     dataset_image_size,
@@ -22,6 +23,7 @@ from impactx_ray.data.torchvision_sets import relaxed_checksums
 __all__ = [
     "BUILTIN_DATASETS",
     "ImageData",
+    "check_data_present",
     "check_dataset_name",
     "class_mean_maps",
     "dataset_fingerprint",

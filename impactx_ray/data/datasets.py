@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from impactx_ray.data.torchvision_sets import load_torchvision
+from impactx_ray.data.torchvision_sets import check_torchvision_present, load_torchvision
 from impactx_ray.errors import UserError
 
 BUILTIN_DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "stl10")
@@ -194,6 +194,18 @@ def _check_labels(name: str, data: ImageData) -> None:
     if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= data.num_classes):
         raise UserError(f"{name} has labels outside 0..{data.num_classes - 1}; its label files are corrupt, "
                         "download it again")
+
+
+def check_data_present(name: str, root: str | Path = "./data", image_size: int = 32) -> None:
+    """UserError naming what is missing when ``load_dataset(name, root)`` could not find its files
+    (without reading them: cheap enough for a dry run)."""
+    check_dataset_name(name)
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        path = _imagefolder_path(name)
+        if _imagefolder_classes(path, "train") != _imagefolder_classes(path, "test"):
+            raise UserError(f"image folder {path}: train and test class folders differ")
+    elif name != "digits":
+        check_torchvision_present(name, root)
 
 
 def load_dataset(

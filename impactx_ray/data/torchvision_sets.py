@@ -86,7 +86,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _check_present(name: str, root: str | Path) -> None:
+def check_torchvision_present(name: str, root: str | Path) -> None:
     """Raise a one-line UserError naming the folder when files are missing and we may not download."""
     folder = base_dir(name, root)
     missing = [f for f in required_files(name) if not (folder / f).is_file()]
@@ -137,7 +137,7 @@ def _to_raw(name: str, ds) -> Raw:
 def load_torchvision(name: str, root: str | Path, download: bool) -> tuple[Raw, Raw]:
     """(train, test) of ``cifar10``/``cifar100``/``stl10`` as raw tensors; downloads only if asked."""
     if not download:
-        _check_present(name, root)
+        check_torchvision_present(name, root)
     train = _to_raw(name, _construct(name, root, train=True, download=download))
     # The first construction downloaded everything needed; never fetch twice.
     test = _to_raw(name, _construct(name, root, train=False, download=False))

@@ -40,9 +40,12 @@ ModelBuilder = Callable[[], torch.nn.Module]
 
 
 def init_ray() -> None:
-    """Plain ``ray.init()``: attaches to ``RAY_ADDRESS`` when set, else starts a local Ray."""
+    """``ray.init()`` that attaches to the cluster in ``RAY_ADDRESS`` when set (a Ray job's driver
+    has it), else starts a local Ray of its own: never a stranger's cluster that happens to run on
+    this machine (which a bare ``ray.init()`` would join through /tmp/ray/ray_current_cluster)."""
     if not ray.is_initialized():
-        ray.init(logging_level="WARNING", log_to_driver=False)
+        address = None if os.environ.get("RAY_ADDRESS") else "local"
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
 
 
 def default_gpus_per_worker() -> float:

@@ -27,9 +27,10 @@ from impactx_ray.explain import ExplainSettings
 from impactx_ray.io import file_sha256, write_json
 from impactx_ray.methods import METHODS, ModelSpec, load_model, load_stage1
 from impactx_ray.sweep.identity import SweepIdentity, claim
+from impactx_ray.sweep.progress import StageProgress
 from impactx_ray.sweep.report import write_summary
-from impactx_ray.sweep.spaces import (STAGE1_SEARCHED, STAGE2_SEARCHED, Cell, Space, stage1_space,
-                                      stage2_space)
+from impactx_ray.sweep.spaces import (COMPARISON_METHODS, STAGE1_SEARCHED, STAGE2_SEARCHED, Cell,
+                                      Space, stage1_space, stage2_space)
 from impactx_ray.sweep.tracking import (MLflowTrialLogger, Tracker, artifact_location,
                                        tracking_uri)
 from impactx_ray.sweep.trainables import CPUS, MAPS, METHOD, STAGE1_CHECKPOINT, STAGE_TRAINABLES
@@ -80,20 +81,36 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
             param_space={**base, CPUS: opts.cpus_per_trial, **grid},
             tune_config=tune.TuneConfig(metric=METRIC, mode="max"),
             run_config=tune.RunConfig(
-                name=path.name, storage_path=str(storage), callbacks=[logger], verbose=0,
+                name=path.name, storage_path=str(storage), verbose=0,
+                callbacks=[logger, StageProgress(key, space.size, opts.log)],
                 failure_config=tune.FailureConfig(max_failures=opts.max_failures)))
     results = tuner.fit()
+    if len(results) and len(results.errors) == len(results):
+        tracker.finish(stage_run, ok=False)
     if results.errors:
         opts.log(f"{key}: {len(results.errors)} of {len(results)} trials failed (marked FAILED "
                  "in MLflow); the sweep goes on with the others")
     return results, stage_run
 
 
+class StageFailed(Exception):
+    """No trial of a stage finished: the cell cannot go on (the sweep goes on with the others)."""
+
+    def __init__(self, message: str, failed: int) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
 def best(results: Any, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """(hyperparameters, final metrics, checkpoint file) of the best trial by validation accuracy."""
-    winner = results.get_best_result(METRIC, "max", scope="last", filter_nan_and_inf=True)
+    try:
+        winner = results.get_best_result(METRIC, "max", scope="last", filter_nan_and_inf=True)
+    except RuntimeError:  # Tune's "no best trial": every trial failed or reported NaN
+        winner = None
     if winner is None or winner.checkpoint is None:
-        raise RuntimeError("no trial of this stage finished; see the Tune logs for the errors")
+        first = str(results.errors[0]).strip().splitlines()[-1][:200] if results.errors else "-"
+        raise StageFailed(f"none of its {len(results)} trials finished (first error: {first})",
+                          failed=len(results.errors))
     params = {k: winner.config[k] for k in keys}
     return params, dict(winner.metrics), Path(winner.checkpoint.path) / "model.pt"
 
@@ -156,7 +173,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
 
     # ABN and WAE with the stage-1 winner's hyperparameters.
     s3, s3_run = run_stage(opts, tracker, cell, "comparison", cell_run,
-                           Space({**{k: (v,) for k, v in p1.items()}, METHOD: ("abn", "wae")}),
+                           Space({**{k: (v,) for k, v in p1.items()}, METHOD: COMPARISON_METHODS}),
                            on_winner)
     others = {r.config[METHOD]: r for r in s3 if r.error is None and r.checkpoint is not None}
     tracker.metrics(s3_run, {f"{m}_test_accuracy": r.metrics["test_accuracy"]
@@ -222,7 +239,15 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
     tracker.params(sweep_run, {"smoke": opts.smoke, "full_stage2": opts.full_stage2,
                                "cells": ",".join(c.name for c in opts.cells),
                                **{k: v for k, v in opts.base.items() if v is not None}})
-    rows = [run_cell(opts, tracker, cell, sweep_run) for cell in opts.cells]
+    rows = []
+    for cell in opts.cells:
+        try:
+            rows.append(run_cell(opts, tracker, cell, sweep_run))
+        except StageFailed as e:
+            opts.log(f"{cell.name}: stopped: {e}; the sweep goes on with the other cells")
+            tracker.finish(tracker.run(cell.name, cell.name, parent=sweep_run), ok=False)
+            rows.append({"model": cell.model, "dataset": cell.dataset, "error": str(e),
+                         "failed_trials": e.failed})
     paths = write_summary(opts.out, rows)
     for path in paths:
         tracker.artifact(sweep_run, path)

@@ -71,13 +71,19 @@ def cells(models: tuple[str, ...] = PAPER_MODELS,
     return [Cell(m, d) for m, d in product(models, datasets)]
 
 
+# The comparison stage: ABN and WAE, once each, with the stage-1 winner's hyperparameters.
+COMPARISON_METHODS = ("abn", "wae")
+
+
 def plan(cell_list: list[Cell], smoke: bool = False, full_stage2: bool = False) -> list[str]:
-    """The lines ``--dry-run`` prints: cells, trials per stage, and totals."""
+    """The lines ``--dry-run`` prints: cells, trials per stage (every stage), and totals."""
     s1 = stage1_space(smoke).size
     s2 = stage2_space(smoke, full_stage2).size
-    lines = [f"{len(cell_list)} cells; per cell: {s1} stage-1 trials + {s2} stage-2 trials "
-             f"= {s1 + s2}"]
+    s3 = len(COMPARISON_METHODS)
+    n = len(cell_list)
+    lines = [f"{n} cells; per cell: {s1} stage-1 + {s2} stage-2 + {s3} comparison (ABN, WAE) "
+             f"trials = {s1 + s2 + s3}"]
     lines += [f"  {c.name}: model={c.model} dataset={c.dataset}" for c in cell_list]
-    lines.append(f"total: {len(cell_list) * s1} stage-1 + {len(cell_list) * s2} stage-2 = "
-                 f"{len(cell_list) * (s1 + s2)} trials")
+    lines.append(f"total: {n * s1} stage-1 + {n * s2} stage-2 + {n * s3} comparison = "
+                 f"{n * (s1 + s2 + s3)} trials")
     return lines
