@@ -158,7 +158,21 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
         params = dict(con.execute(
             "select p.key, p.value from params p join tags t on t.run_uuid = p.run_uuid "
             "where t.key = 'impactx.key' and t.value like ?", ("%" + key,)).fetchall())
-        assert {"batch_size", "lr", "val_fraction", "lam"} <= set(params)
+        assert {"method", "batch_size", "lr", "val_fraction", "epochs"} <= set(params)
+        # only what the stage varies or uses: no λ or SHAP settings on stage-1 trials
+        assert ("lam" in params and "max_evals" in params) == ("/stage2/" in key), (key, params)
+        assert "stage1_checkpoint" not in params and "cpus_per_trial" not in params
+    tags = dict(con.execute("select t.key, t.value from tags t join tags k on k.run_uuid = "
+                            "t.run_uuid where k.key = 'impactx.key' and k.value like "
+                            "'%/stage1/%lr=0.0026%'").fetchall())
+    assert (tags["impactx.cell"], tags["impactx.stage"], tags["impactx.method"]) == \
+        ("lenet5-digits", "stage1", "baseline")
+    test_metrics = con.execute("select count(*) from metrics where key = 'test_accuracy' and "
+                               "run_uuid in (select run_uuid from tags where key = "
+                               "'impactx.key' and value like '%/stage%/%')").fetchone()[0]
+    assert test_metrics == 0  # test accuracy only on the stage winners, never per trial
+    kind = con.execute("select value from experiment_tags where key = 'mlflow.experimentKind'")
+    assert kind.fetchone() == ("custom_model_development",)
     summary = (out / "summary.md").read_text()
     row = next(line for line in summary.splitlines() if line.startswith("| lenet5 | digits |"))
     accuracies = row.split("|")[3:7]  # baseline, IMPACTX, ABN, WAE: all four trained
@@ -167,6 +181,9 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
     figures = out / "cells" / "lenet5-digits" / "morf"
     assert (figures / "examples.png").stat().st_size > 0
     assert (figures / "morf_mean.png").stat().st_size > 0
+    histories = list((out / "mlartifacts").rglob("history.json"))
+    assert len(histories) >= 4 and all(json.loads(h.read_text())[0]["epoch"] == 1
+                                       for h in histories)
     logged = {p.name for p in (out / "mlartifacts").rglob("*.png")}
     assert {"examples.png", "morf_mean.png"} <= logged, "figures missing from MLflow"
     assert not (ROOT / "mlruns").exists(), "MLflow wrote artifacts into the working directory"

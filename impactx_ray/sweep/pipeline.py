@@ -33,7 +33,8 @@ from impactx_ray.sweep.spaces import (COMPARISON_METHODS, STAGE1_SEARCHED, STAGE
                                       Space, stage1_space, stage2_space)
 from impactx_ray.sweep.tracking import (MLflowTrialLogger, Tracker, artifact_location,
                                        tracking_uri)
-from impactx_ray.sweep.trainables import CPUS, MAPS, METHOD, STAGE1_CHECKPOINT, STAGE_TRAINABLES
+from impactx_ray.sweep.trainables import (CPUS, MAPS, METHOD, STAGE1_CHECKPOINT, STAGE_TRAINABLES,
+                                          trial_params, trial_tags)
 
 METRIC = "best_val_accuracy"  # selection is by validation accuracy, never test accuracy
 
@@ -66,6 +67,7 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
     """Run (or restore and finish) one stage's Tune grid; returns (ResultGrid, stage run id)."""
     key = f"{cell.name}/{stage}"
     stage_run = tracker.run(key, f"{cell.name} {stage}", parent=parent)
+    tracker.tags(stage_run, {"impactx.cell": cell.name, "impactx.stage": stage})
     storage = (opts.out / "tune").resolve()
     path = storage / f"{cell.name}-{stage}"
     resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
@@ -75,7 +77,9 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=False)
     else:
         grid = {k: tune.grid_search(list(v)) for k, v in space.grid.items()}
-        logger = MLflowTrialLogger(tracker, key, stage_run, tuple(space.grid))
+        logger = MLflowTrialLogger(tracker, key, stage_run, tuple(space.grid),
+                                   params_of=partial(trial_params, stage, tuple(space.grid)),
+                                   tags_of=partial(trial_tags, cell.name, stage))
         tuner = tune.Tuner(
             trainable,
             param_space={**base, CPUS: opts.cpus_per_trial, **grid},
@@ -145,6 +149,7 @@ def log_winner(tracker: Tracker, stage_run: str, params: dict, metrics: dict, mo
 
 def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -> dict[str, Any]:
     cell_run = tracker.run(cell.name, cell.name, parent=sweep_run)
+    tracker.tags(cell_run, {"impactx.cell": cell.name})
     base = RunConfig.from_dict({**opts.base, "model": cell.model, "dataset": cell.dataset})
     tracker.params(cell_run, {"model": cell.model, "dataset": cell.dataset})
     # Loaded once, in the driver, before any trial: missing data fails here.

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,12 @@ from ray import tune
 
 EXPERIMENT = "impactx"
 KEY_TAG = "impactx.key"
+# MLflow 3 opens an experiment of this kind in its model-training view (not the GenAI one).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # What trials report besides Tune's own bookkeeping (timestamps, pids, iteration counters).
-METRIC_PREFIXES = ("train_", "val_", "test_", "best_")
+# Test accuracy is not among them: it is logged on the stage winners only, so the trials
+# invite no selection by it.
+METRIC_PREFIXES = ("train_", "val_", "best_")
 
 
 def tracking_uri(out: str | Path) -> str:
@@ -61,7 +66,11 @@ class Tracker:
             exp = self._client.get_experiment_by_name(self.experiment)
             self._experiment_id = (exp.experiment_id if exp is not None else
                                    self._client.create_experiment(
-                                       self.experiment, artifact_location=self.artifact_location))
+                                       self.experiment, artifact_location=self.artifact_location,
+                                       tags=EXPERIMENT_KIND))
+            if exp is not None and not set(EXPERIMENT_KIND) <= set(exp.tags):
+                for key, value in EXPERIMENT_KIND.items():
+                    self._client.set_experiment_tag(self._experiment_id, key, value)
         return self._client
 
     def run(self, key: str, name: str, parent: str | None = None) -> str:
@@ -126,9 +135,13 @@ class MLflowTrialLogger(tune.Callback):
     """Tune callback (driver side): one MLflow run per trial, params, per-epoch metrics, status."""
 
     def __init__(self, tracker: Tracker, stage_key: str, parent: str,
-                 param_keys: tuple[str, ...]) -> None:
+                 param_keys: tuple[str, ...],
+                 params_of: Callable[[dict[str, Any]], dict[str, Any]],
+                 tags_of: Callable[[dict[str, Any]], dict[str, str]]) -> None:
         self.tracker, self.stage_key, self.parent = tracker, stage_key, parent
         self.param_keys = param_keys  # the grid's keys: they name the trial
+        self.params_of = params_of    # a trial's config -> the params it varies or uses
+        self.tags_of = tags_of        # a trial's config -> its tags (cell, stage, method)
         self.runs: dict[str, str] = {}
 
     def trial_key(self, config: dict[str, Any]) -> str:
@@ -138,9 +151,9 @@ class MLflowTrialLogger(tune.Callback):
         if trial.trial_id not in self.runs:
             name = ", ".join(f"{k}={trial.config[k]}" for k in self.param_keys)
             run_id = self.tracker.run(self.trial_key(trial.config), name, parent=self.parent)
-            params = {k: v for k, v in trial.config.items() if not isinstance(v, (dict, list))}
-            self.tracker.params(run_id, params)
-            self.tracker.tags(run_id, {"impactx.trial_id": trial.trial_id})
+            self.tracker.params(run_id, self.params_of(trial.config))
+            self.tracker.tags(run_id, {**self.tags_of(trial.config),
+                                       "impactx.trial_id": trial.trial_id})
             self.runs[trial.trial_id] = run_id
         return self.runs[trial.trial_id]
 
@@ -154,7 +167,11 @@ class MLflowTrialLogger(tune.Callback):
         self.tracker.metrics(self._run(trial), ours, step=step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracker.finish(self._run(trial), ok=True)
+        run_id = self._run(trial)
+        history = Path(trial.checkpoint.path) / "history.json" if trial.checkpoint else None
+        if history is not None and history.is_file():
+            self.tracker.artifact(run_id, history)  # every epoch's metrics, as the trial saw them
+        self.tracker.finish(run_id, ok=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run(trial)

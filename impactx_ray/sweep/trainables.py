@@ -19,6 +19,7 @@ from ray import tune
 from impactx_ray.config import RunConfig
 from impactx_ray.data import load_dataset, train_val_split
 from impactx_ray.explain import load_maps
+from impactx_ray.io import write_json
 from impactx_ray.methods import TrainInputs, get_method, train_method
 from impactx_ray.train import StageResult, accuracy, resolve_device
 from impactx_ray.train.checkpoint import save_checkpoint
@@ -50,6 +51,7 @@ def _final_report(result: StageResult, test_accuracy: float, meta: dict[str, Any
                "train_seconds": result.seconds}
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / "model.pt", result.model.state_dict(), meta)
+        write_json(Path(tmp) / "history.json", result.history)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -87,3 +89,21 @@ def comparison_trainable(config: dict[str, Any]) -> None:
 
 STAGE_TRAINABLES = {"stage1": stage1_trainable, "stage2": stage2_trainable,
                     "comparison": comparison_trainable}
+STAGE_METHODS = {"stage1": "baseline", "stage2": "impactx"}  # the comparison's grid names its own
+
+
+def trial_method(stage: str, config: dict[str, Any]) -> str:
+    return config.get(METHOD) or STAGE_METHODS[stage]
+
+
+def trial_params(stage: str, grid_keys: tuple[str, ...], config: dict[str, Any]) -> dict[str, Any]:
+    """The params a trial's MLflow run gets: what its stage varies and what its method uses
+    (stage-1 trials show no λ, no stage-2 budget, no SHAP settings)."""
+    method = get_method(trial_method(stage, config))
+    keys = dict.fromkeys((*grid_keys, *method.settings))
+    return {"method": method.name, **{k: config[k] for k in keys if k in config and k != METHOD}}
+
+
+def trial_tags(cell: str, stage: str, config: dict[str, Any]) -> dict[str, str]:
+    return {"impactx.cell": cell, "impactx.stage": stage,
+            "impactx.method": trial_method(stage, config)}
