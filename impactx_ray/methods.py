@@ -30,7 +30,7 @@ from impactx_ray.io import file_sha256
 from impactx_ray.models import ABN, WAE, Backbone, ImpactX, create_backbone
 from impactx_ray.train import StageResult, train_abn, train_stage1, train_stage2, train_wae
 from impactx_ray.train.checkpoint import check_meta, load_checkpoint, load_into
-from impactx_ray.train.loop import EpochCallback
+from impactx_ray.train.loop import EpochCallback, FitState, StateCallback
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class TrainInputs:
     maps: np.ndarray | None = None    # its SHAP maps of ``data``, N×H×W×C
     on_epoch: EpochCallback | None = None
     progress: bool = True
+    resume: FitState | None = None     # go on from this state of an interrupted fit
+    on_state: StateCallback | None = None  # receives the fit's state after every epoch
 
 
 @dataclass(frozen=True)
@@ -102,22 +104,26 @@ def get_method(name: str) -> Method:
 # -- the table ------------------------------------------------------------------------------------
 def _fit_baseline(i: TrainInputs, _: None) -> StageResult:
     return train_stage1(i.cfg, i.data, i.train_idx, i.val_idx, device=i.device,
-                        on_epoch=i.on_epoch, progress=i.progress)
+                        on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
+                        on_state=i.on_state)
 
 
 def _fit_impactx(i: TrainInputs, m: Backbone) -> StageResult:
     return train_stage2(i.cfg, m, i.data, i.maps, i.train_idx, i.val_idx, device=i.device,
-                        on_epoch=i.on_epoch, progress=i.progress)
+                        on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
+                        on_state=i.on_state)
 
 
 def _fit_abn(i: TrainInputs, _: None) -> StageResult:
     return train_abn(i.cfg, i.data, i.train_idx, i.val_idx, device=i.device,
-                     on_epoch=i.on_epoch, progress=i.progress)
+                     on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
+                        on_state=i.on_state)
 
 
 def _fit_wae(i: TrainInputs, m: Backbone) -> StageResult:
     return train_wae(i.cfg, m, i.data, i.maps, i.train_idx, i.val_idx, device=i.device,
-                     on_epoch=i.on_epoch, progress=i.progress)
+                     on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
+                        on_state=i.on_state)
 
 
 def _build_baseline(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import LocalCluster, MlflowServer
+from cluster import LocalCluster, MlflowServer, session_pids
 
 from impactx_ray.sweep.report import summary_markdown, write_summary
 from impactx_ray.sweep.spaces import (LAMBDAS, LEARNING_RATES, cells, plan, stage1_space,
@@ -257,3 +257,49 @@ def test_progress_line():
                     "0.6421; 0:12:00 elapsed, ETA 2:48:00")
     assert progress_line("s", ["PENDING"], None, 3.0, 1) == \
         "s: 0/1 done, 0 running, 0 failed; no result yet; 0:00:03 elapsed"
+
+
+@pytest.mark.slow
+def test_a_killed_trial_continues_from_its_last_epoch(tmp_path):
+    """SIGKILL a stage-1 trial's worker after its second epoch: Tune retries it
+    (--max-failures 1) from its last checkpoint, so no epoch is trained (or logged) twice."""
+    out, epochs = tmp_path / "retry", 8
+    cmd = [sys.executable, str(SCRIPT), *FAST_SMOKE, "--epochs", str(epochs), "--morf-images",
+           "0", "--max-failures", "1", "--out", str(out)]
+    sweep = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    killed = None
+    try:
+        deadline = time.time() + 300
+        while killed is None and time.time() < deadline and sweep.poll() is None:
+            time.sleep(0.2)
+            try:
+                con = sqlite3.connect(out / "mlflow.db")
+                steps = con.execute("select max(m.step) from metrics m join tags t on "
+                                    "m.run_uuid = t.run_uuid where t.key = 'impactx.key' and "
+                                    "t.value like '%/stage1/%' and m.key = 'val_accuracy'"
+                                    ).fetchone()[0]
+                con.close()
+            except sqlite3.Error:
+                continue
+            if steps is not None and 2 <= steps < epochs - 2:
+                workers = [pid for pid in session_pids(sweep.pid)  # the sweep's own processes
+                           if "ImplicitFunc" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                           .decode(errors="replace")]
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed = workers[0]
+        output, _ = sweep.communicate(timeout=900)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert killed is not None, "no trial worker was found to kill"
+    assert sweep.returncode == 0, output[-4000:]
+    con = sqlite3.connect(out / "mlflow.db")
+    per_trial = con.execute(
+        "select t.value, group_concat(m.step) from metrics m join tags t on m.run_uuid = "
+        "t.run_uuid where t.key = 'impactx.key' and t.value like '%/stage1/%' and "
+        "m.key = 'val_accuracy' group by t.value").fetchall()
+    assert len(per_trial) == 2
+    for key, steps in per_trial:  # every epoch once: the retried trial did not start over
+        assert sorted(int(s) for s in steps.split(",")) == list(range(1, epochs + 1)), key

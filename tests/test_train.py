@@ -98,3 +98,23 @@ def test_stage2_rejects_maps_of_another_size(digits):
     with pytest.raises(ValueError, match="39 maps for 40"):
         train_stage2(cfg, stage1.model, data, np.zeros((39, 32, 32, 3), np.float32),
                      torch.arange(30), torch.arange(30, 40), device=CPU, progress=False)
+
+
+def test_an_interrupted_fit_resumes_exactly(digits):
+    """Resuming from the state after epoch 2 gives what the uninterrupted 4 epochs gave."""
+    import copy
+
+    data = _slice(digits, 200)
+    cfg = RunConfig(epochs=4, batch_size=32, lr=0.003, seed=1)
+    tr, va = torch.arange(160), torch.arange(160, 200)
+    states = []
+    full = train_stage1(cfg, data, tr, va, device=CPU, progress=False,
+                        on_state=lambda s: states.append(copy.deepcopy(s)))
+    assert [s["epoch"] for s in states] == [1, 2, 3, 4]
+    seen = []
+    resumed = train_stage1(cfg, data, tr, va, device=CPU, progress=False, resume=states[1],
+                           on_epoch=lambda e, row: seen.append(e))
+    assert seen == [3, 4]  # epochs 1 and 2 were not trained again
+    assert resumed.history == full.history and resumed.best_epoch == full.best_epoch
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k

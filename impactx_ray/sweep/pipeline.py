@@ -87,7 +87,9 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
             run_config=tune.RunConfig(
                 name=path.name, storage_path=str(storage), verbose=0,
                 callbacks=[logger, StageProgress(key, space.size, opts.log)],
-                failure_config=tune.FailureConfig(max_failures=opts.max_failures)))
+                failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                # the last checkpoint holds the last epoch's state and the best weights so far
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     results = tuner.fit()
     if len(results) and len(results.errors) == len(results):
         tracker.finish(stage_run, ok=False)

@@ -33,16 +33,31 @@ def run_config(config: dict[str, Any]) -> RunConfig:
     return RunConfig.from_dict({k: v for k, v in config.items() if k not in EXTRA_KEYS})
 
 
-def _report_epoch(epochs: int):
-    """An ``on_epoch`` that reports every epoch but the last (that one goes with the checkpoint),
-    with the best validation accuracy so far (the metric Tune selects on)."""
-    best = [float("-inf")]
+RESUME_FILE = "resume.pt"
 
-    def on_epoch(epoch: int, row: dict[str, float]) -> None:
-        best[0] = max(best[0], row["val_accuracy"])
-        if epoch < epochs:
-            tune.report({**row, "best_val_accuracy": best[0]})
-    return on_epoch
+
+def _report_with_state(epochs: int):
+    """An ``on_state`` that reports every epoch but the last (that one goes with the model) with
+    a Tune checkpoint of the whole fit state, so a retried trial goes on from its last epoch."""
+
+    def on_state(state: dict[str, Any]) -> None:
+        if state["epoch"] >= epochs:
+            return
+        metrics = {**state["history"][-1], "best_val_accuracy": state["best_val_accuracy"]}
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / RESUME_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+    return on_state
+
+
+def _last_state() -> dict[str, Any] | None:
+    """The fit state of this trial's last checkpoint, when Tune retries it (else None)."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        file = Path(path) / RESUME_FILE
+        return torch.load(file, map_location="cpu", weights_only=True) if file.exists() else None
 
 
 def _final_report(result: StageResult, test_accuracy: float, meta: dict[str, Any]) -> None:
@@ -63,8 +78,12 @@ def method_trainable(config: dict[str, Any]) -> None:
     train, test = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
     tr, va = (torch.as_tensor(i) for i in train_val_split(len(train), cfg.val_fraction,
                                                           seed=cfg.seed))
-    inputs = TrainInputs(cfg, train, tr, va, device, on_epoch=_report_epoch(method.epochs(cfg)),
-                         progress=False)
+    resume = _last_state()
+    if resume is not None:
+        print(f"{method.name}: resuming after epoch {resume['epoch']} from the trial's checkpoint",
+              flush=True)
+    inputs = TrainInputs(cfg, train, tr, va, device, progress=False, resume=resume,
+                         on_state=_report_with_state(method.epochs(cfg)))
     if method.on_stage1:
         inputs.stage1 = Path(config[STAGE1_CHECKPOINT])
     if method.needs_maps:

@@ -19,7 +19,8 @@ from torch import Tensor
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, class_mean_maps
 from impactx_ray.models import ABN, WAE, Backbone, abn_loss
-from impactx_ray.train.loop import EpochCallback, StageResult, fit, seed_everything
+from impactx_ray.train.loop import (EpochCallback, FitState, StageResult, StateCallback, fit,
+                                    seed_everything)
 from impactx_ray.train.stage1 import new_backbone
 
 
@@ -35,7 +36,8 @@ def _wae_step(model: WAE, x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, di
 
 def train_abn(cfg: RunConfig, train: ImageData, train_idx: Tensor, val_idx: Tensor, *,
               device: torch.device, on_epoch: EpochCallback | None = None,
-              progress: bool = True) -> StageResult:
+              progress: bool = True, resume: FitState | None = None,
+              on_state: StateCallback | None = None) -> StageResult:
     """Train an ABN on ``train[train_idx]`` for ``cfg.epochs``; select by accuracy on ``train[val_idx]``.
 
     History rows: epoch, train_loss (= train_ce_attention + train_ce_perception), val_accuracy.
@@ -44,12 +46,15 @@ def train_abn(cfg: RunConfig, train: ImageData, train_idx: Tensor, val_idx: Tens
     model = ABN(new_backbone(cfg, train.num_classes)).to(device)
     return fit("ABN", model, _abn_step, list(model.parameters()), lr=cfg.lr, epochs=cfg.epochs,
                batch_size=cfg.batch_size, generator=generator, train=train, train_idx=train_idx,
-               val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress)
+               val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress, resume=resume,
+               on_state=on_state)
 
 
 def train_wae(cfg: RunConfig, backbone: Backbone, train: ImageData, maps: np.ndarray,
               train_idx: Tensor, val_idx: Tensor, *, device: torch.device,
-              on_epoch: EpochCallback | None = None, progress: bool = True) -> StageResult:
+              on_epoch: EpochCallback | None = None, progress: bool = True,
+              resume: FitState | None = None,
+              on_state: StateCallback | None = None) -> StageResult:
     """Train WAE around the trained, frozen ``backbone``; ``maps`` (N×H×W×C) holds one map per ``train`` image.
 
     The class means come from the maps of ``train_idx`` only, so validation labels stay unseen.
@@ -62,4 +67,5 @@ def train_wae(cfg: RunConfig, backbone: Backbone, train: ImageData, maps: np.nda
     params = [p for p in model.parameters() if p.requires_grad]
     return fit("WAE", model, _wae_step, params, lr=cfg.lr2, epochs=cfg.epochs2,
                batch_size=cfg.batch_size, generator=generator, train=train, train_idx=train_idx,
-               val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress)
+               val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress, resume=resume,
+               on_state=on_state)

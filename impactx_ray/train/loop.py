@@ -82,6 +82,9 @@ def check_finite(loss: Tensor, epoch: int) -> None:
 # (model, x, y, sample indices) -> (loss, {part name: value}) for one batch
 StepFn = Callable[[nn.Module, Tensor, Tensor, Tensor], "tuple[Tensor, dict[str, Tensor]]"]
 EpochCallback = Callable[[int, "dict[str, float]"], None]
+# Everything an interrupted fit needs to go on exactly where it stopped (see ``fit``).
+FitState = dict
+StateCallback = Callable[[FitState], None]
 
 
 @dataclass
@@ -97,19 +100,30 @@ def fit(label: str, model: nn.Module, step: StepFn, params: list[nn.Parameter], 
         epochs: int, batch_size: int, generator: torch.Generator, train: ImageData,
         train_idx: Tensor, val_idx: Tensor, device: torch.device,
         on_epoch: EpochCallback | None = None, progress: bool = True,
-        validate: Callable[[nn.Module], dict[str, float]] | None = None) -> StageResult:
+        validate: Callable[[nn.Module], dict[str, float]] | None = None,
+        resume: FitState | None = None, on_state: StateCallback | None = None) -> StageResult:
     """The epoch loop every method shares: Adam over ``params``, one ``step`` per batch, then
     validation accuracy (plus ``validate(model)``'s metrics); keeps the state with the best
     validation accuracy (the earliest on ties) and returns it loaded, in eval mode.
 
     History rows: ``epoch``, ``train_loss``, ``train_<part>`` for each part ``step`` returns,
-    ``val_accuracy`` and the ``validate`` metrics.
+    ``val_accuracy`` and the ``validate`` metrics. After every epoch ``on_state`` receives the
+    whole state (model, optimizer, shuffling and dropout RNGs, best weights so far, history);
+    ``resume`` with such a state goes on from the epoch after it, as if never interrupted.
     """
     optimizer = torch.optim.Adam(params, lr=lr)
-    best_state, best_acc, best_epoch, history = None, -1.0, 0, []
-    start = time.perf_counter()
+    best_state, best_acc, best_epoch, history, done, spent = None, -1.0, 0, [], 0, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        best_state, best_acc = resume["best_state"], resume["best_val_accuracy"]
+        best_epoch, history = resume["best_epoch"], list(resume["history"])
+        done, spent = resume["epoch"], resume["seconds"]
+    start = time.perf_counter() - spent
     steps = num_batches(len(train_idx), batch_size)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(done + 1, epochs + 1):
         model.train()
         sums: dict[str, float] = {}
         seen = 0
@@ -141,6 +155,12 @@ def fit(label: str, model: nn.Module, step: StepFn, params: list[nn.Parameter], 
                        f"{'  *best' if best_epoch == epoch else ''}")
         if on_epoch is not None:
             on_epoch(epoch, row)
+        if on_state is not None:
+            on_state({"epoch": epoch, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                      "torch_rng": torch.get_rng_state(), "best_state": best_state,
+                      "best_val_accuracy": best_acc, "best_epoch": best_epoch,
+                      "history": history, "seconds": time.perf_counter() - start})
     model.load_state_dict(best_state)
     model.eval()
     return StageResult(model, best_epoch, best_acc, history, time.perf_counter() - start)

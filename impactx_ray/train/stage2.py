@@ -12,7 +12,8 @@ import torch
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, map_targets
 from impactx_ray.models import Backbone, ImpactX
-from impactx_ray.train.loop import EpochCallback, StageResult, fit, index_batches, seed_everything
+from impactx_ray.train.loop import (EpochCallback, FitState, StageResult, StateCallback, fit,
+                                    index_batches, seed_everything)
 from impactx_ray.train.losses import impactx_loss
 
 
@@ -30,7 +31,9 @@ def map_mse(model: ImpactX, data: ImageData, targets: torch.Tensor, indices: tor
 
 def train_stage2(cfg: RunConfig, backbone: Backbone, train: ImageData, maps: np.ndarray,
                  train_idx: torch.Tensor, val_idx: torch.Tensor, *, device: torch.device,
-                 on_epoch: EpochCallback | None = None, progress: bool = True) -> StageResult:
+                 on_epoch: EpochCallback | None = None, progress: bool = True,
+                 resume: FitState | None = None,
+                 on_state: StateCallback | None = None) -> StageResult:
     """Train IMPACTX around the trained ``backbone``; ``maps`` holds one map per ``train`` image."""
     if len(maps) != len(train):
         raise ValueError(f"{len(maps)} maps for {len(train)} training images")
@@ -51,5 +54,5 @@ def train_stage2(cfg: RunConfig, backbone: Backbone, train: ImageData, maps: np.
 
     return fit("stage 2", model, step, params, lr=cfg.lr2, epochs=cfg.epochs2,
                batch_size=cfg.batch_size, generator=generator, train=train, train_idx=train_idx,
-               val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress,
-               validate=validate)
+               val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress, resume=resume,
+               on_state=on_state, validate=validate)
