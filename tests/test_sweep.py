@@ -262,44 +262,41 @@ def test_progress_line():
 @pytest.mark.slow
 def test_a_killed_trial_continues_from_its_last_epoch(tmp_path):
     """SIGKILL a stage-1 trial's worker after its second epoch: Tune retries it
-    (--max-failures 1) from its last checkpoint, so no epoch is trained (or logged) twice."""
+    (--max-failures 1) from its last checkpoint, so no epoch is trained (or logged) twice.
+    The sweep is stopped once stage 1 is done: the rest is not what this test is about."""
     out, epochs = tmp_path / "retry", 8
     cmd = [sys.executable, str(SCRIPT), *FAST_SMOKE, "--epochs", str(epochs), "--morf-images",
            "0", "--max-failures", "1", "--out", str(out)]
     sweep = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
-    killed = None
+    query = ("select t.value, group_concat(m.step) from metrics m join tags t on m.run_uuid = "
+             "t.run_uuid where t.key = 'impactx.key' and t.value like '%/stage1/%' and "
+             "m.key = 'val_accuracy' group by t.value")
+    killed, per_trial = None, []
     try:
-        deadline = time.time() + 300
-        while killed is None and time.time() < deadline and sweep.poll() is None:
+        deadline = time.time() + 400
+        while time.time() < deadline and sweep.poll() is None:
             time.sleep(0.2)
             try:
                 con = sqlite3.connect(out / "mlflow.db")
-                steps = con.execute("select max(m.step) from metrics m join tags t on "
-                                    "m.run_uuid = t.run_uuid where t.key = 'impactx.key' and "
-                                    "t.value like '%/stage1/%' and m.key = 'val_accuracy'"
-                                    ).fetchone()[0]
+                per_trial = con.execute(query).fetchall()
                 con.close()
             except sqlite3.Error:
                 continue
-            if steps is not None and 2 <= steps < epochs - 2:
+            steps = [[int(s) for s in row[1].split(",")] for row in per_trial]
+            if killed is None and any(2 <= max(s) < epochs - 2 for s in steps):
                 workers = [pid for pid in session_pids(sweep.pid)  # the sweep's own processes
                            if "ImplicitFunc" in Path(f"/proc/{pid}/cmdline").read_bytes()
                            .decode(errors="replace")]
                 if workers:
                     os.kill(workers[0], signal.SIGKILL)
                     killed = workers[0]
-        output, _ = sweep.communicate(timeout=900)
+            if killed and len(steps) == 2 and all(max(s) == epochs for s in steps):
+                break  # stage 1 is done, retried trial included
     finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, signal.SIGKILL)
-    assert killed is not None, "no trial worker was found to kill"
-    assert sweep.returncode == 0, output[-4000:]
-    con = sqlite3.connect(out / "mlflow.db")
-    per_trial = con.execute(
-        "select t.value, group_concat(m.step) from metrics m join tags t on m.run_uuid = "
-        "t.run_uuid where t.key = 'impactx.key' and t.value like '%/stage1/%' and "
-        "m.key = 'val_accuracy' group by t.value").fetchall()
-    assert len(per_trial) == 2
+        os.killpg(sweep.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        output = sweep.communicate()[0]
+    assert killed is not None, "no trial worker was found to kill: " + output[-3000:]
+    assert len(per_trial) == 2, output[-3000:]
     for key, steps in per_trial:  # every epoch once: the retried trial did not start over
         assert sorted(int(s) for s in steps.split(",")) == list(range(1, epochs + 1)), key
