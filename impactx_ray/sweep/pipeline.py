@@ -63,7 +63,8 @@ class SweepOptions:
 
 
 def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, parent: str,
-              space: Space, base: dict[str, Any]) -> tuple[Any, str]:
+              space: Space, base: dict[str, Any], data: tuple[ImageData, ImageData]
+              ) -> tuple[Any, str]:
     """Run (or restore and finish) one stage's Tune grid; returns (ResultGrid, stage run id)."""
     key = f"{cell.name}/{stage}"
     stage_run = tracker.run(key, f"{cell.name} {stage}", parent=parent)
@@ -71,7 +72,9 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
     storage = (opts.out / "tune").resolve()
     path = storage / f"{cell.name}-{stage}"
     resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
-    trainable = tune.with_resources(STAGE_TRAINABLES[stage], resources)
+    # the cell's data goes to the object store once; every trial on a node reads that copy
+    trainable = tune.with_resources(tune.with_parameters(STAGE_TRAINABLES[stage], data=data),
+                                    resources)
     if tune.Tuner.can_restore(path):
         opts.log(f"{key}: resuming the Tune experiment in {path}")
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=False)
@@ -161,7 +164,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     base_dict = {**base.to_dict(), "download": False}
 
     s1, s1_run = run_stage(opts, tracker, cell, "stage1", cell_run, stage1_space(opts.smoke),
-                           base_dict)
+                           base_dict, (train, test))
     p1, m1, ckpt1 = best(s1, STAGE1_SEARCHED)
     opts.log(f"{cell.name} stage 1 winner: {p1} val acc {m1[METRIC]:.4f} "
              f"test acc {m1['test_accuracy']:.4f}")
@@ -172,7 +175,8 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     # Stage 2 and the comparison methods read the stage-1 winner and its map store.
     on_winner = {**base_dict, STAGE1_CHECKPOINT: str(ckpt1), MAPS: str(maps)}
     space2 = stage2_space(opts.smoke, opts.full_stage2, winner=p1)
-    s2, s2_run = run_stage(opts, tracker, cell, "stage2", cell_run, space2, {**on_winner, **p1})
+    s2, s2_run = run_stage(opts, tracker, cell, "stage2", cell_run, space2, {**on_winner, **p1},
+                           (train, test))
     p2, m2, ckpt2 = best(s2, tuple(space2.grid))
     opts.log(f"{cell.name} stage 2 winner: {p2} val acc {m2[METRIC]:.4f} "
              f"test acc {m2['test_accuracy']:.4f}")
@@ -181,7 +185,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     # ABN and WAE with the stage-1 winner's hyperparameters.
     s3, s3_run = run_stage(opts, tracker, cell, "comparison", cell_run,
                            Space({**{k: (v,) for k, v in p1.items()}, METHOD: COMPARISON_METHODS}),
-                           on_winner)
+                           on_winner, (train, test))
     others = {r.config[METHOD]: r for r in s3 if r.error is None and r.checkpoint is not None}
     tracker.metrics(s3_run, {f"{m}_test_accuracy": r.metrics["test_accuracy"]
                              for m, r in others.items()})
@@ -207,22 +211,33 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     return row
 
 
+def morf_task(out: str, cfg: dict[str, Any], test: ImageData, impactx_ckpt: Path,
+              abn_ckpt: Path | None, n: int) -> dict[str, Any]:
+    """MoRF of IMPACTX's maps, SHAP of IMPACTX, ABN and random on ``n`` test images, curves and
+    figures written to ``out``: run as a Ray task with a trial's resources (a GPU if trials get
+    one), not in the driver, whose node may have none."""
+    from impactx_ray.eval.compare import morf_comparison, write_morf
+    from impactx_ray.train import resolve_device
+
+    run_cfg = RunConfig.from_dict(cfg)
+    spec, device = ModelSpec.of(run_cfg, test), resolve_device("auto")
+    abn = load_model(abn_ckpt, spec, METHODS["abn"])[0] if abn_ckpt is not None else None
+    impactx = load_model(impactx_ckpt, spec, METHODS["impactx"])[0]
+    curves, maps, x, y = morf_comparison(impactx, test, ExplainSettings.from_config(run_cfg),
+                                         abn=abn, n=n, seed=run_cfg.seed, device=device,
+                                         progress=False)
+    return write_morf(Path(out), curves, maps, x, y, test.classes)
+
+
 def morf_for_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, cell_run: str,
                   cfg: RunConfig, test: ImageData, impactx_ckpt: Path,
                   abn_ckpt: Path | None) -> dict[str, float]:
-    """MoRF of IMPACTX's maps, SHAP of IMPACTX, ABN and random on test images; figures logged."""
-    import torch
+    """The cell's MoRF comparison (``morf_task`` on the cluster); its figures logged to MLflow."""
+    import ray
 
-    from impactx_ray.eval.compare import morf_comparison, write_morf
-
-    spec = ModelSpec.of(cfg, test)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    abn = load_model(abn_ckpt, spec, METHODS["abn"])[0] if abn_ckpt is not None else None
-    impactx = load_model(impactx_ckpt, spec, METHODS["impactx"])[0]
-    curves, maps, x, y = morf_comparison(impactx, test, ExplainSettings.from_config(cfg), abn=abn,
-                                         n=opts.morf_images, seed=cfg.seed, device=device)
-    summary = write_morf(opts.out / "cells" / cell.name / "morf", curves, maps, x, y,
-                         test.classes)
+    task = ray.remote(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial)(morf_task)
+    summary = ray.get(task.remote(str((opts.out / "cells" / cell.name / "morf").resolve()),
+                                  cfg.to_dict(), test, impactx_ckpt, abn_ckpt, opts.morf_images))
     for figure in summary["figures"]:
         tracker.artifact(cell_run, figure, "figures")
     return summary["aopc"]

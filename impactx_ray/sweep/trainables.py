@@ -17,7 +17,7 @@ import torch
 from ray import tune
 
 from impactx_ray.config import RunConfig
-from impactx_ray.data import load_dataset, train_val_split
+from impactx_ray.data import ImageData, load_dataset, train_val_split
 from impactx_ray.explain import load_maps
 from impactx_ray.io import write_json
 from impactx_ray.methods import TrainInputs, get_method, train_method
@@ -70,12 +70,15 @@ def _final_report(result: StageResult, test_accuracy: float, meta: dict[str, Any
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def method_trainable(config: dict[str, Any]) -> None:
-    """Train ``config["method"]`` with the trial's hyperparameters; report per epoch and at the end."""
+def method_trainable(config: dict[str, Any],
+                     data: tuple[ImageData, ImageData] | None = None) -> None:
+    """Train ``config["method"]`` with the trial's hyperparameters; report per epoch and at the
+    end. ``data`` (train, test) comes from the object store (``tune.with_parameters``), read
+    once per node; without it the trial loads the dataset from ``data_root`` itself."""
     cfg, method = run_config(config), get_method(config[METHOD])
     torch.set_num_threads(max(1, int(config.get(CPUS, 1))))
     device = resolve_device(cfg.device)
-    train, test = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
+    train, test = data or load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
     tr, va = (torch.as_tensor(i) for i in train_val_split(len(train), cfg.val_fraction,
                                                           seed=cfg.seed))
     resume = _last_state()
@@ -94,16 +97,16 @@ def method_trainable(config: dict[str, Any]) -> None:
 
 # One named trainable per stage: Tune identifies an experiment's trainable by name, so these keep
 # sweep directories of earlier versions restorable (their trials carry no "method" key).
-def stage1_trainable(config: dict[str, Any]) -> None:
-    method_trainable({METHOD: "baseline", **config})
+def stage1_trainable(config: dict[str, Any], data: Any = None) -> None:
+    method_trainable({METHOD: "baseline", **config}, data)
 
 
-def stage2_trainable(config: dict[str, Any]) -> None:
-    method_trainable({METHOD: "impactx", **config})
+def stage2_trainable(config: dict[str, Any], data: Any = None) -> None:
+    method_trainable({METHOD: "impactx", **config}, data)
 
 
-def comparison_trainable(config: dict[str, Any]) -> None:
-    method_trainable(config)  # the grid says which method: abn or wae
+def comparison_trainable(config: dict[str, Any], data: Any = None) -> None:
+    method_trainable(config, data)  # the grid says which method: abn or wae
 
 
 STAGE_TRAINABLES = {"stage1": stage1_trainable, "stage2": stage2_trainable,
