@@ -5,6 +5,7 @@ MLflow, and a Table 2 summary.
     ray job submit --working-dir . -- python sweeps/full_grid.py --out /shared/impactx
     python sweeps/full_grid.py --smoke            # the same pipeline, small, on this machine
     python sweeps/full_grid.py --dry-run          # what would run, without starting Ray
+    python sweeps/full_grid.py --search optuna --scheduler asha --num-samples 40   # a budget
 
 Rerun the same command with the same --out to resume an interrupted sweep.
 """
@@ -17,7 +18,8 @@ import sys
 from pathlib import Path
 
 from impactx_ray.errors import UserError
-from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides
+from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides, positive_int
+from impactx_ray.sweep.search import SCHEDULERS, SEARCHES, SearchSpec, budget
 from impactx_ray.sweep.spaces import (PAPER_DATASETS, PAPER_MODELS, STAGE1_SEARCHED,
                                       STAGE2_SEARCHED, cells, plan)
 
@@ -45,6 +47,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", help=f"default: {' '.join(PAPER_DATASETS)}")
     p.add_argument("--stage2-space", choices=("lambda", "full"), default="lambda",
                    help="stage 2 over λ on the stage-1 winner (default), or the full product")
+    p.add_argument("--search", choices=SEARCHES, default="grid", help="grid: the paper's Table 1 "
+                   "grid (default); optuna: --num-samples points of the same values, seeded TPE")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="fifo", help="asha: stop trials "
+                   "whose best validation accuracy trails at 1, 3, 9, … epochs (default fifo: "
+                   "every trial runs all its epochs)")
+    p.add_argument("--num-samples", type=positive_int, default=SearchSpec.num_samples,
+                   help="optuna: trials per stage (default %(default)s; a stage whose grid is "
+                   "no larger runs its grid)")
+    p.add_argument("--max-concurrent", type=positive_int, help="optuna: trials at once (default: "
+                   "as many as the cluster fits; fewer lets TPE learn from more results)")
+    p.add_argument("--grace-period", type=positive_int, default=SearchSpec.grace_period,
+                   help="asha: epochs before a trial can be stopped (default %(default)s)")
+    p.add_argument("--reduction-factor", type=float, default=SearchSpec.reduction_factor,
+                   help="asha: 1 in this many trials goes on at each rung (default %(default)s)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, help="fractions allowed (default: 1 when the "
                    "cluster has GPUs, 0.5 in --smoke, else 0)")
@@ -79,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         models = args.models or (SMOKE["models"] if args.smoke else list(PAPER_MODELS))
         datasets = args.datasets or (SMOKE["datasets"] if args.smoke else list(PAPER_DATASETS))
         cell_list = cells(tuple(models), tuple(datasets))
+        args.search_spec = SearchSpec(args.search, args.scheduler, args.num_samples,
+                                      args.max_concurrent, args.grace_period,
+                                      args.reduction_factor, getattr(args, "seed", None) or 0)
+        preset = SMOKE if args.smoke else FULL
+        epochs = getattr(args, "epochs", None) or preset["epochs"]
+        args.search_spec.check_epochs(epochs)
         if args.dry_run:
             return dry_run(args, cell_list)
         return run(args, cell_list)
@@ -95,7 +117,17 @@ def dry_run(args: argparse.Namespace, cell_list: list) -> int:
     for cell in cell_list:
         check_backbone_name(cell.model)
         check_dataset_name(cell.dataset)
-    print("\n".join(plan(cell_list, args.smoke, args.stage2_space == "full")))
+    spec: SearchSpec = args.search_spec
+    small = args.smoke and spec.search == "grid"
+    if spec.search == "grid":
+        print("\n".join(plan(cell_list, args.smoke, args.stage2_space == "full")))
+    else:
+        print(f"{len(cell_list)} cells; Optuna samples Table 1's values")
+        print("\n".join(f"  {c.name}: model={c.model} dataset={c.dataset}" for c in cell_list))
+    epochs = getattr(args, "epochs", None) or (SMOKE if args.smoke else FULL)["epochs"]
+    print("\n".join(budget(cell_list, spec, small=small, full_stage2=args.stage2_space == "full",
+                           epochs=epochs, stage2_epochs=getattr(args, "stage2_epochs", None)
+                           or epochs)))
     root = getattr(args, "data_root", "./data")
     missing = 0
     for name in dict.fromkeys(c.dataset for c in cell_list):
@@ -124,7 +156,7 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
         args.out, cell_list, smoke=args.smoke, full_stage2=args.stage2_space == "full",
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial or 0.0,
         map_workers=args.map_workers, max_failures=args.max_failures, morf_images=morf_images,
-        name=args.name, restart=args.restart, **base)
+        name=args.name, restart=args.restart, search=args.search_spec, **base)
     from impactx_ray.data import load_dataset
 
     for name in dict.fromkeys(c.dataset for c in cell_list):  # missing data: fail before Ray
@@ -132,6 +164,10 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
                      image_size=base.get("image_size", 32))
 
     sweep = claim_out(opts)  # resume only with the same settings: checked before Ray starts
+    # Trials checkpoint every epoch (to resume mid-trial), which makes Tune snapshot its
+    # experiment state often; its warning about that, every few seconds, would bury the
+    # progress lines.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
 
     from impactx_ray.explain.actors import init_ray

@@ -129,8 +129,12 @@ def wait_for_trial_metrics(db: Path, proc: subprocess.Popen, timeout: float = 30
 
 @pytest.mark.slow
 def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
+    """A budgeted smoke sweep (Optuna + ASHA, 6 trials a stage) killed in stage 1 and rerun:
+    Tune restores the searcher and scheduler, every trial has one MLflow run, ASHA's stopped
+    trials are finished (not failed), tagged, with their curves."""
     out = tmp_path / "sweep"
-    cmd = [sys.executable, str(SCRIPT), *FAST_SMOKE, "--out", str(out)]
+    cmd = [sys.executable, str(SCRIPT), *FAST_SMOKE, "--search", "optuna", "--scheduler", "asha",
+           "--num-samples", "6", "--out", str(out)]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
@@ -149,7 +153,7 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
     assert len(keys) == len(set(keys)), f"duplicated trial runs: {sorted(keys)}"
     stage1 = [r for r in runs if "/stage1/" in r[0]]
     stage2 = [r for r in runs if "/stage2/" in r[0]]
-    assert len(stage1) == 2 and len(stage2) == 2
+    assert len(stage1) == 6 and len(stage2) == 6
     assert all(status == "FINISHED" for _, status, _ in runs)
     assert {parent for _, _, parent in stage1} == {"lenet5-digits/stage1"}
     assert {parent for _, _, parent in stage2} == {"lenet5-digits/stage2"}
@@ -163,10 +167,23 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
         assert ("lam" in params and "max_evals" in params) == ("/stage2/" in key), (key, params)
         assert "stage1_checkpoint" not in params and "cpus_per_trial" not in params
     tags = dict(con.execute("select t.key, t.value from tags t join tags k on k.run_uuid = "
-                            "t.run_uuid where k.key = 'impactx.key' and k.value like "
-                            "'%/stage1/%lr=0.0026%'").fetchall())
+                            "t.run_uuid where k.key = 'impactx.key' and k.value like ?",
+                            ("%" + stage1[0][0],)).fetchall())
     assert (tags["impactx.cell"], tags["impactx.stage"], tags["impactx.method"]) == \
         ("lenet5-digits", "stage1", "baseline")
+    # ASHA stopped some stage-1 trials before their last epoch (of 3): finished, tagged, and
+    # their curves kept up to the epoch it stopped them at
+    early = con.execute("select k.value, (select max(m.step) from metrics m where m.run_uuid = "
+                        "k.run_uuid and m.key = 'val_accuracy') from tags k join tags e on "
+                        "e.run_uuid = k.run_uuid where k.key = 'impactx.key' and k.value like "
+                        "'%/stage1/%' and e.key = 'impactx.early_stopped' and e.value = 'true'"
+                        ).fetchall()
+    assert early and all(1 <= steps < 3 for _, steps in early), early
+    stage_metrics = dict(con.execute(
+        "select m.key, m.value from metrics m join tags t on t.run_uuid = m.run_uuid where "
+        "t.key = 'impactx.key' and t.value like '%lenet5-digits/stage1'").fetchall())
+    assert stage_metrics["trials"] == 6 and stage_metrics["trials_early_stopped"] == len(early)
+    assert stage_metrics["trial_epochs"] < 6 * 3  # what ASHA saved
     test_metrics = con.execute("select count(*) from metrics where key = 'test_accuracy' and "
                                "run_uuid in (select run_uuid from tags where key = "
                                "'impactx.key' and value like '%/stage%/%')").fetchone()[0]
@@ -174,6 +191,7 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
     kind = con.execute("select value from experiment_tags where key = 'mlflow.experimentKind'")
     assert kind.fetchone() == ("custom_model_development",)
     summary = (out / "summary.md").read_text()
+    assert f"| lenet5 | digits | optuna+asha: 6 trials ({len(early)} stopped early)" in summary
     row = next(line for line in summary.splitlines() if line.startswith("| lenet5 | digits |"))
     accuracies = row.split("|")[3:7]  # baseline, IMPACTX, ABN, WAE: all four trained
     assert all(0 < float(a) <= 100 for a in accuracies), row

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,16 +26,17 @@ from impactx_ray.data import ImageData, load_dataset
 from impactx_ray.errors import UserError
 from impactx_ray.explain import ExplainSettings
 from impactx_ray.io import file_sha256, write_json
-from impactx_ray.methods import METHODS, ModelSpec, load_model, load_stage1
+from impactx_ray.methods import METHODS, ModelSpec, get_method, load_model, load_stage1
 from impactx_ray.sweep.identity import SweepIdentity, claim
 from impactx_ray.sweep.progress import StageProgress
 from impactx_ray.sweep.report import write_summary
+from impactx_ray.sweep.search import SearchSpec, stopped_early, tune_plan
 from impactx_ray.sweep.spaces import (COMPARISON_METHODS, STAGE1_SEARCHED, STAGE2_SEARCHED, Cell,
                                       Space, stage1_space, stage2_space)
 from impactx_ray.sweep.tracking import (MLflowTrialLogger, Tracker, artifact_location,
                                        tracking_uri)
-from impactx_ray.sweep.trainables import (CPUS, MAPS, METHOD, STAGE1_CHECKPOINT, STAGE_TRAINABLES,
-                                          trial_params, trial_tags)
+from impactx_ray.sweep.trainables import (CPUS, MAPS, METHOD, STAGE1_CHECKPOINT, STAGE_METHODS,
+                                          STAGE_TRAINABLES, run_config, trial_params, trial_tags)
 
 METRIC = "best_val_accuracy"  # selection is by validation accuracy, never test accuracy
 
@@ -53,22 +55,57 @@ class SweepOptions:
     max_failures: int = 0
     name: str | None = None               # the sweep's name (default: from --out)
     restart: bool = False                 # start afresh, the old results kept aside
+    search: SearchSpec = field(default_factory=SearchSpec)  # grid (the paper's) or optuna, ±asha
     log: Callable[[str], None] = field(default=print)
 
     def settings(self) -> dict[str, Any]:
         """What decides the sweep's results: a resumed sweep must be asked for the same."""
         return json.loads(json.dumps({
             "cells": [c.name for c in self.cells], "smoke": self.smoke,
-            "full_stage2": self.full_stage2, "morf_images": self.morf_images, **self.base}))
+            "full_stage2": self.full_stage2, "morf_images": self.morf_images, **self.base,
+            **self.search.settings()}))
+
+    @property
+    def small_spaces(self) -> bool:
+        """--smoke shrinks the grids to a few points; a sampled search keeps Table 1's space
+        (its budget is --num-samples)."""
+        return self.smoke and self.search.search == "grid"
+
+
+@dataclass
+class StageOutcome:
+    """How a stage's winner was found: the search, trials run, stopped early, failed, and the
+    trial-epochs they took (the compute a search spends)."""
+
+    search: str
+    trials: int
+    early_stopped: int
+    failed: int
+    trial_epochs: int
+
+    @classmethod
+    def of(cls, search: str, results: Any) -> StageOutcome:
+        ended = [r for r in results if r.error is None]
+        return cls(search, len(results), sum(stopped_early(r.metrics) for r in ended),
+                   len(results.errors),
+                   sum(int(r.metrics.get("epoch", 0)) for r in results if r.metrics))
+
+    def row(self, stage: str) -> dict[str, Any]:
+        return {f"{stage}_{k}": v for k, v in dataclasses.asdict(self).items()}
 
 
 def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, parent: str,
               space: Space, base: dict[str, Any], data: tuple[ImageData, ImageData]
-              ) -> tuple[Any, str]:
-    """Run (or restore and finish) one stage's Tune grid; returns (ResultGrid, stage run id)."""
+              ) -> tuple[Any, str, StageOutcome]:
+    """Run (or restore and finish) one stage's search over ``space``: the grid, or Optuna's
+    sample, ASHA stopping trials if asked (the comparison stage's two fixed trials always run
+    whole). Returns (ResultGrid, stage run id, how the stage went)."""
     key = f"{cell.name}/{stage}"
     stage_run = tracker.run(key, f"{cell.name} {stage}", parent=parent)
     tracker.tags(stage_run, {"impactx.cell": cell.name, "impactx.stage": stage})
+    search = (opts.search if stage in STAGE_METHODS else SearchSpec()).for_space(space)
+    plan = tune_plan(space, search, get_method(STAGE_METHODS.get(stage, "baseline")).epochs(
+        run_config(base)), METRIC, slots=trial_slots(opts))
     storage = (opts.out / "tune").resolve()
     path = storage / f"{cell.name}-{stage}"
     resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
@@ -79,27 +116,47 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
         opts.log(f"{key}: resuming the Tune experiment in {path}")
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=False)
     else:
-        grid = {k: tune.grid_search(list(v)) for k, v in space.grid.items()}
+        opts.log(f"{key}: {search.label}, {plan.trials} trials")
         logger = MLflowTrialLogger(tracker, key, stage_run, tuple(space.grid),
                                    params_of=partial(trial_params, stage, tuple(space.grid)),
-                                   tags_of=partial(trial_tags, cell.name, stage))
+                                   tags_of=partial(trial_tags, cell.name, stage),
+                                   sampled=search.search != "grid")
         tuner = tune.Tuner(
             trainable,
-            param_space={**base, CPUS: opts.cpus_per_trial, **grid},
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max"),
+            param_space={**base, CPUS: opts.cpus_per_trial, **plan.param_space},
+            tune_config=tune.TuneConfig(**plan.tune_config),
             run_config=tune.RunConfig(
                 name=path.name, storage_path=str(storage), verbose=0,
-                callbacks=[logger, StageProgress(key, space.size, opts.log)],
+                callbacks=[logger, StageProgress(key, plan.trials, opts.log)],
                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                 # the last checkpoint holds the last epoch's state and the best weights so far
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     results = tuner.fit()
+    outcome = StageOutcome.of(search.label, results)
+    tracker.params(stage_run, {"search": outcome.search})
+    tracker.metrics(stage_run, {"trials": outcome.trials, "trials_early_stopped":
+                                outcome.early_stopped, "trials_failed": outcome.failed,
+                                "trial_epochs": outcome.trial_epochs})
+    if outcome.early_stopped:
+        opts.log(f"{key}: ASHA stopped {outcome.early_stopped} of {outcome.trials} trials early; "
+                 f"{outcome.trial_epochs} trial-epochs in all")
     if len(results) and len(results.errors) == len(results):
         tracker.finish(stage_run, ok=False)
     if results.errors:
         opts.log(f"{key}: {len(results.errors)} of {len(results)} trials failed (marked FAILED "
                  "in MLflow); the sweep goes on with the others")
-    return results, stage_run
+    return results, stage_run, outcome
+
+
+def trial_slots(opts: SweepOptions) -> int:
+    """How many trials the cluster fits at once, now (by CPUs, and GPUs where trials take them)."""
+    import ray
+
+    have = ray.cluster_resources()
+    fits = have.get("CPU", 1) / opts.cpus_per_trial
+    if opts.gpus_per_trial:
+        fits = min(fits, have.get("GPU", 0) / opts.gpus_per_trial)
+    return max(1, int(fits))
 
 
 class StageFailed(Exception):
@@ -111,12 +168,14 @@ class StageFailed(Exception):
 
 
 def best(results: Any, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any], Path]:
-    """(hyperparameters, final metrics, checkpoint file) of the best trial by validation accuracy."""
-    try:
-        winner = results.get_best_result(METRIC, "max", scope="last", filter_nan_and_inf=True)
-    except RuntimeError:  # Tune's "no best trial": every trial failed or reported NaN
-        winner = None
-    if winner is None or winner.checkpoint is None:
+    """(hyperparameters, final metrics, checkpoint file) of the best trial by validation accuracy,
+    among the trials that finished: one stopped early by ASHA has no final model (and its
+    accuracy so far is below the trials that went on)."""
+    finished = [r for r in results if r.error is None and r.checkpoint is not None
+                and r.metrics and not stopped_early(r.metrics)
+                and math.isfinite(r.metrics.get(METRIC, math.nan))]
+    winner = max(finished, key=lambda r: r.metrics[METRIC], default=None)  # first of ties
+    if winner is None:
         first = str(results.errors[0]).strip().splitlines()[-1][:200] if results.errors else "-"
         raise StageFailed(f"none of its {len(results)} trials finished (first error: {first})",
                           failed=len(results.errors))
@@ -163,8 +222,8 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     spec = ModelSpec.of(base, train)
     base_dict = {**base.to_dict(), "download": False}
 
-    s1, s1_run = run_stage(opts, tracker, cell, "stage1", cell_run, stage1_space(opts.smoke),
-                           base_dict, (train, test))
+    s1, s1_run, o1 = run_stage(opts, tracker, cell, "stage1", cell_run,
+                               stage1_space(opts.small_spaces), base_dict, (train, test))
     p1, m1, ckpt1 = best(s1, STAGE1_SEARCHED)
     opts.log(f"{cell.name} stage 1 winner: {p1} val acc {m1[METRIC]:.4f} "
              f"test acc {m1['test_accuracy']:.4f}")
@@ -174,8 +233,8 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
 
     # Stage 2 and the comparison methods read the stage-1 winner and its map store.
     on_winner = {**base_dict, STAGE1_CHECKPOINT: str(ckpt1), MAPS: str(maps)}
-    space2 = stage2_space(opts.smoke, opts.full_stage2, winner=p1)
-    s2, s2_run = run_stage(opts, tracker, cell, "stage2", cell_run, space2, {**on_winner, **p1},
+    space2 = stage2_space(opts.small_spaces, opts.full_stage2, winner=p1)
+    s2, s2_run, o2 = run_stage(opts, tracker, cell, "stage2", cell_run, space2, {**on_winner, **p1},
                            (train, test))
     p2, m2, ckpt2 = best(s2, tuple(space2.grid))
     opts.log(f"{cell.name} stage 2 winner: {p2} val acc {m2[METRIC]:.4f} "
@@ -183,7 +242,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     log_winner(tracker, s2_run, p2, m2, load_model(ckpt2, spec, METHODS["impactx"])[0])
 
     # ABN and WAE with the stage-1 winner's hyperparameters.
-    s3, s3_run = run_stage(opts, tracker, cell, "comparison", cell_run,
+    s3, s3_run, _ = run_stage(opts, tracker, cell, "comparison", cell_run,
                            Space({**{k: (v,) for k, v in p1.items()}, METHOD: COMPARISON_METHODS}),
                            on_winner, (train, test))
     others = {r.config[METHOD]: r for r in s3 if r.error is None and r.checkpoint is not None}
@@ -197,7 +256,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
            "baseline_val_accuracy": m1[METRIC], "impactx_val_accuracy": m2[METRIC],
            **{k: p1[k] for k in STAGE1_SEARCHED}, "lam": p2.get("lam"),
            "stage1_failed": len(s1.errors), "stage2_failed": len(s2.errors),
-           "comparison_failed": len(s3.errors)}
+           "comparison_failed": len(s3.errors), **o1.row("stage1"), **o2.row("stage2")}
     if opts.morf_images:
         abn = others.get("abn")
         row["aopc"] = morf_for_cell(opts, tracker, cell, cell_run, winner_cfg, test, ckpt2,
@@ -260,6 +319,7 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
     sweep_run = tracker.run("sweep", f"sweep {sweep.name}")
     tracker.params(sweep_run, {"smoke": opts.smoke, "full_stage2": opts.full_stage2,
                                "cells": ",".join(c.name for c in opts.cells),
+                               "search": opts.search.label, **opts.search.settings(),
                                **{k: v for k, v in opts.base.items() if v is not None}})
     rows = []
     for cell in opts.cells:
@@ -270,6 +330,15 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
             tracker.finish(tracker.run(cell.name, cell.name, parent=sweep_run), ok=False)
             rows.append({"model": cell.model, "dataset": cell.dataset, "error": str(e),
                          "failed_trials": e.failed})
+    # the sweep run answers "what won, found how" without opening the cells
+    tracker.params(sweep_run, {f"winner.{Cell(r['model'], r['dataset']).name}":
+                               ", ".join(f"{k}={r.get(k)}" for k in (*STAGE1_SEARCHED,
+                                                                    *STAGE2_SEARCHED))
+                               + f" ({r.get('stage1_search')}, {r.get('stage2_search')})"
+                               for r in rows if "error" not in r})
+    tracker.metrics(sweep_run, {f"{stage}_{k}": sum(r.get(f"{stage}_{k}", 0) for r in rows)
+                                for stage in STAGE_METHODS
+                                for k in ("trials", "early_stopped", "trial_epochs")})
     paths = write_summary(opts.out, rows)
     for path in paths:
         tracker.artifact(sweep_run, path)

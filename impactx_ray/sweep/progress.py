@@ -15,6 +15,8 @@ from typing import Any
 
 from ray import tune
 
+from impactx_ray.sweep.search import stopped_early
+
 METRIC = "best_val_accuracy"
 
 
@@ -23,15 +25,18 @@ def _clock(seconds: float) -> str:
 
 
 def progress_line(label: str, statuses: list[str], best: float | None, elapsed: float,
-                  total: int) -> str:
-    """The line for trials in ``statuses`` (Tune's TERMINATED/RUNNING/ERROR/PENDING/...)."""
+                  total: int, early: int = 0) -> str:
+    """The line for trials in ``statuses`` (Tune's TERMINATED/RUNNING/ERROR/PENDING/...), of
+    which ``early`` ended stopped by the scheduler."""
     done, failed = statuses.count("TERMINATED"), statuses.count("ERROR")
     running = statuses.count("RUNNING")
     finished = done + failed
     eta = (f", ETA {_clock(elapsed / finished * (total - finished))}"
            if 0 < finished < total else "")
     best_text = f"best val acc {best:.4f}" if best is not None else "no result yet"
-    return (f"{label}: {done}/{total} done, {running} running, {failed} failed; {best_text}; "
+    stopped = f" ({early} stopped early)" if early else ""
+    return (f"{label}: {done}/{total} done{stopped}, {running} running, {failed} failed; "
+            f"{best_text}; "
             f"{_clock(elapsed)} elapsed{eta}")
 
 
@@ -51,8 +56,9 @@ class StageProgress(tune.Callback):
         scores = [t.last_result.get(METRIC) for t in trials if t.last_result]
         scores = [s for s in scores if isinstance(s, (int, float)) and s == s]  # no NaN
         counts = [t.status for t in trials]
+        early = sum(t.status == "TERMINATED" and stopped_early(t.last_result) for t in trials)
         line = progress_line(self.label, counts, max(scores) if scores else None,
-                             now - self.start, max(self.total, len(trials)))
+                             now - self.start, max(self.total, len(trials)), early)
         changed = line.split(";")[:2] != self.last_line.split(";")[:2]  # counts or best
         if changed or (not final and now - self.last_time >= self.every):
             self.log(line)

@@ -24,6 +24,16 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "–"
 
 
+def _search_cell(row: dict[str, Any], stage: str) -> str:
+    """``optuna+asha: 6 trials (4 stopped early), 11 trial-epochs`` for one stage of a cell."""
+    if not row.get(f"{stage}_search"):
+        return "–"
+    early = row.get(f"{stage}_early_stopped", 0)
+    return (f"{row[f'{stage}_search']}: {row.get(f'{stage}_trials')} trials"
+            + (f" ({early} stopped early)" if early else "")
+            + f", {row.get(f'{stage}_trial_epochs')} trial-epochs")
+
+
 def _row_from_result(result: dict[str, Any]) -> dict[str, Any]:
     """A run directory's ``result.json`` as a summary row."""
     hp = result.get("hyperparameters", {})
@@ -59,6 +69,14 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         cells += [f"{paper[m]:.2f}" if m in paper else "–" for m in METHODS]
         cells += [str(r.get(k, "–")) if r.get(k) is not None else "–" for k in HYPER]
         lines.append("| " + " | ".join(cells) + " |")
+    searched = [r for r in rows if r.get("stage1_search")]
+    if searched:
+        lines += ["", "## How the winners were found", "",
+                  "Trials run (stopped early by ASHA) and the trial-epochs they took, per stage.",
+                  "", "| model | dataset | stage 1 | stage 2 |", "|---|---|---|---|"]
+        for r in searched:
+            lines.append(f"| {r['model']} | {r['dataset']} | {_search_cell(r, 'stage1')} | "
+                         f"{_search_cell(r, 'stage2')} |")
     with_morf = [r for r in rows if r.get("aopc")]
     if with_morf:
         methods = list(dict.fromkeys(m for r in with_morf for m in r["aopc"]))

@@ -21,8 +21,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray import tune
 
+from impactx_ray.sweep.search import stopped_early
+
 EXPERIMENT = "impactx"
 KEY_TAG = "impactx.key"
+EARLY_STOPPED_TAG = "impactx.early_stopped"  # "true" on trials the scheduler stopped
 # MLflow 3 opens an experiment of this kind in its model-training view (not the GenAI one).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # What trials report besides Tune's own bookkeeping (timestamps, pids, iteration counters).
@@ -137,20 +140,25 @@ class MLflowTrialLogger(tune.Callback):
     def __init__(self, tracker: Tracker, stage_key: str, parent: str,
                  param_keys: tuple[str, ...],
                  params_of: Callable[[dict[str, Any]], dict[str, Any]],
-                 tags_of: Callable[[dict[str, Any]], dict[str, str]]) -> None:
+                 tags_of: Callable[[dict[str, Any]], dict[str, str]],
+                 sampled: bool = False) -> None:
         self.tracker, self.stage_key, self.parent = tracker, stage_key, parent
         self.param_keys = param_keys  # the grid's keys: they name the trial
         self.params_of = params_of    # a trial's config -> the params it varies or uses
         self.tags_of = tags_of        # a trial's config -> its tags (cell, stage, method)
+        # A sampled search (Optuna) can draw one point twice: its trials are told apart by id.
+        self.sampled = sampled
         self.runs: dict[str, str] = {}
 
-    def trial_key(self, config: dict[str, Any]) -> str:
-        return self.stage_key + "/" + ",".join(f"{k}={config[k]}" for k in self.param_keys)
+    def trial_key(self, config: dict[str, Any], trial_id: str = "") -> str:
+        point = ",".join(f"{k}={config[k]}" for k in self.param_keys)
+        return f"{self.stage_key}/{point}" + (f"#{trial_id}" if self.sampled else "")
 
     def _run(self, trial: Any) -> str:
         if trial.trial_id not in self.runs:
             name = ", ".join(f"{k}={trial.config[k]}" for k in self.param_keys)
-            run_id = self.tracker.run(self.trial_key(trial.config), name, parent=self.parent)
+            run_id = self.tracker.run(self.trial_key(trial.config, trial.trial_id), name,
+                                      parent=self.parent)
             self.tracker.params(run_id, self.params_of(trial.config))
             self.tracker.tags(run_id, {**self.tags_of(trial.config),
                                        "impactx.trial_id": trial.trial_id})
@@ -171,6 +179,11 @@ class MLflowTrialLogger(tune.Callback):
         history = Path(trial.checkpoint.path) / "history.json" if trial.checkpoint else None
         if history is not None and history.is_file():
             self.tracker.artifact(run_id, history)  # every epoch's metrics, as the trial saw them
+        # A trial the scheduler (ASHA) stopped ends without its final report: finished, not
+        # failed, its per-epoch curves kept, and tagged so it can be filtered in the UI.
+        last = trial.last_result or {}
+        self.tracker.tags(run_id, {EARLY_STOPPED_TAG: str(stopped_early(last)).lower(),
+                                   "impactx.epochs_run": last.get("epoch", "-")})
         self.tracker.finish(run_id, ok=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -21,6 +21,7 @@ from impactx_ray.data import ImageData, load_dataset, train_val_split
 from impactx_ray.explain import load_maps
 from impactx_ray.io import write_json
 from impactx_ray.methods import TrainInputs, get_method, train_method
+from impactx_ray.sweep.search import INDEX_KEY
 from impactx_ray.train import StageResult, accuracy, resolve_device
 from impactx_ray.train.checkpoint import save_checkpoint
 
@@ -30,7 +31,10 @@ EXTRA_KEYS = (METHOD, STAGE1_CHECKPOINT, MAPS, CPUS)
 
 
 def run_config(config: dict[str, Any]) -> RunConfig:
-    return RunConfig.from_dict({k: v for k, v in config.items() if k not in EXTRA_KEYS})
+    """The trial's RunConfig: its config without the sweep's own entries (and without Optuna's
+    positions in ordered value lists, ``search_index.*``)."""
+    return RunConfig.from_dict({k: v for k, v in config.items()
+                                if k not in EXTRA_KEYS and not k.startswith(INDEX_KEY)})
 
 
 RESUME_FILE = "resume.pt"
