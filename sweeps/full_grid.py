@@ -46,7 +46,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", help=f"default: {' '.join(PAPER_MODELS)}")
     p.add_argument("--datasets", nargs="+", help=f"default: {' '.join(PAPER_DATASETS)}")
     p.add_argument("--stage2-space", choices=("lambda", "full"), default="lambda",
-                   help="stage 2 over λ on the stage-1 winner (default), or the full product")
+                   help="stage 2 over λ on the stage-1 winner (default), or over λ × batch size "
+                   "× learning rate (the validation fraction stays M's: stage 2 keeps its split)")
     p.add_argument("--search", choices=SEARCHES, default="grid", help="grid: the paper's Table 1 "
                    "grid (default); optuna: --num-samples points of the same values, seeded TPE")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="fifo", help="asha: stop trials "

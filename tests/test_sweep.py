@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from cluster import LocalCluster, MlflowServer, session_pids
 
+from impactx_ray.data import train_val_split
 from impactx_ray.sweep.report import summary_markdown, write_summary
 from impactx_ray.sweep.spaces import (LAMBDAS, LEARNING_RATES, cells, plan, stage1_space,
                                       stage2_space)
@@ -32,7 +33,23 @@ def test_table1_grids_are_exact():
     winner = {"batch_size": 16, "lr": 0.0011, "val_fraction": 0.2}
     s2 = stage2_space(winner=winner)
     assert s2.size == 7 and all(p["batch_size"] == 16 and p["lr"] == 0.0011 for p in s2.points())
-    assert stage2_space(full=True).size == 180 * 7
+    assert stage2_space(full=True).size == 60 * 7  # batch size × lr × λ: M's split kept
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_stage2_validation_images_were_never_in_m_training_set(full):
+    """Stage 2 trains on the winner's frozen M: every stage-2 trial's validation images must be
+    outside M's training images. The splits are nested, so any other fraction would leak."""
+    winner = {"batch_size": 16, "lr": 0.0011, "val_fraction": 0.1}
+    n, seed = 1437, 0
+    m_train, _ = train_val_split(n, winner["val_fraction"], seed)
+    for point in stage2_space(full=full, winner=winner).points():
+        trial = {**winner, **point}  # the trial's base carries the winner's values
+        _, val = train_val_split(n, trial["val_fraction"], seed)
+        assert not set(val) & set(m_train), point
+    # the check can fail: a stage-2 fraction larger than M's is what leaked before
+    _, larger = train_val_split(n, 0.2, seed)
+    assert set(larger) & set(m_train)
 
 
 def test_dry_run_counts_without_starting_ray():

@@ -47,10 +47,14 @@ def stage1_space(smoke: bool = False) -> Space:
 
 def stage2_space(smoke: bool = False, full: bool = False,
                  winner: dict | None = None) -> Space:
-    """λ grid on the stage-1 winner's hyperparameters, or (``full``) over the whole product."""
+    """λ grid on the stage-1 winner's hyperparameters, or (``full``) λ × batch size × learning
+    rate. Never the validation fraction: stage 2 trains on top of the winner's frozen M, so it
+    keeps M's split — the splits are nested, and a larger fraction would put images M trained
+    on into stage 2's validation set (the trials get the winner's fraction from their base)."""
     lambdas = (0.4, 1.0) if smoke else LAMBDAS
     if full:
-        return Space({**stage1_space(smoke).grid, "lam": lambdas})
+        searched = {k: v for k, v in stage1_space(smoke).grid.items() if k != "val_fraction"}
+        return Space({**searched, "lam": lambdas})
     fixed = {k: (v,) for k, v in (winner or {}).items() if k in STAGE1_SEARCHED}
     return Space({**fixed, "lam": lambdas})
 
