@@ -52,10 +52,6 @@ class RunDir:
     def history(self, method: Method) -> Path:
         return self.root / method.directory / "history.json"
 
-    def saved_config(self) -> dict[str, Any] | None:
-        """The saved config.json as a dict, or None when there is none yet."""
-        return read_json(self.config) if self.config.exists() else None
-
     def load_config(self, overrides: dict[str, Any]) -> RunConfig:
         """The run's saved config with ``overrides`` applied (validated; nothing is written)."""
         saved = read_json(self.config, hint=f"run `impactx run --out {self.root}` first")

@@ -71,19 +71,17 @@ class Run:
         if any(not m.on_stage1 for m in trains):
             check_backbone(self.cfg, train.num_classes)
 
-    def check_compatible(self, methods: tuple[Method, ...], hint: str) -> None:
+    def check_compatible(self, methods: tuple[Method, ...], hint: str, *,
+                         skip_stale: bool = False) -> None:
         """Refuse a config that disagrees with a checkpoint here of ``methods`` on a setting that
         shaped it: such a step would build on, or report, a model made with other settings.
-        Checkpoints built on an older stage 1 are skipped when ``hint`` is for ``run``, which
-        retrains them."""
+        ``skip_stale`` passes over checkpoints built on an older stage 1 (``run`` retrains them)."""
         for method in methods:
-            if hint == "run" and self.dir.stale(method):
+            if skip_stale and self.dir.stale(method):
                 continue
             problem = self.dir.mismatch(method, self.cfg)
             if problem:
-                raise UserError(f"{problem}; " + (
-                    "choose another --out, or redo one step with `impactx stage1|explain|stage2 "
-                    f"--out {self.dir.root}`" if hint == "run" else hint))
+                raise UserError(f"{problem}; {hint}")
 
     def check_stage1(self, checkpoint: Path | None) -> None:
         """The stage-1 checkpoint a step builds on must have been trained with this config."""
@@ -185,7 +183,9 @@ class Run:
     def run_all(self, methods: tuple[str, ...] = ("impactx",)) -> dict[str, Any]:
         """The baseline and every method in ``methods``, each unless already done; then evaluate."""
         wanted = {BASELINE.name, *(get_method(m).name for m in methods)}
-        self.check_compatible(tuple(METHODS.values()), "run")
+        self.check_compatible(tuple(METHODS.values()), "choose another --out, or redo one step "
+                              f"with `impactx stage1|explain|stage2 --out {self.dir.root}`",
+                              skip_stale=True)
         todo = tuple(m for m in METHODS.values()
                      if m.name in wanted and not self.dir.holds(m, self.cfg))
         self.check_inputs(explains=any(m.needs_maps for m in todo), trains=todo)

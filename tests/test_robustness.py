@@ -105,6 +105,24 @@ def test_lock_is_exclusive_within_a_process_and_leaves_no_trace(tmp_path):
     assert not target.exists()  # created for the lock, still empty: removed again
 
 
+def test_a_second_sweep_on_one_out_is_refused(tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    holder = hold_lock_in_another_process(out)
+    script = Path(__file__).resolve().parents[1] / "sweeps" / "full_grid.py"
+    try:
+        proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out),
+                               "--restart"], capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"full_grid.py: error: sweep directory {out} is in use by pid "
+                           f"{holder.pid} on ") and "wait for it to finish" in line
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # --restart moved nothing
+
+
 @pytest.mark.slow
 def test_two_concurrent_runs_on_one_out(tmp_path):
     """Two `impactx run` on one --out at once, as the issue ran them: one finishes, the other is
@@ -162,6 +180,15 @@ def test_bad_input_on_a_finished_run_changes_nothing(run_dir, tmp_path, capsys, 
     argv = [str(weights) if a == "WEIGHTS" else a for a in argv]
     before = tree_digest(run_dir)
     fails_cleanly(capsys, [argv[0], "--out", str(run_dir), "--quiet", *argv[1:]], needle)
+    assert tree_digest(run_dir) == before
+
+
+def test_maps_made_with_other_settings_are_refused(run_dir, capsys):
+    (store,) = (run_dir / "maps").iterdir()
+    before = tree_digest(run_dir)
+    fails_cleanly(capsys, ["stage2", "--out", str(run_dir), "--maps", str(store), "--max-evals",
+                           "60"], f"map store {store} was made with max_evals=40, but this "
+                  "run's settings say max_evals=60")
     assert tree_digest(run_dir) == before
 
 
