@@ -8,6 +8,7 @@ line on stderr and exit status 2, and every check runs before anything is writte
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                        if name == "run" else argparse.SUPPRESS, help="run directory")
         add_config_flags(p)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--strict", action="store_true", help="refuse unreadable image files in "
+                       "an imagefolder dataset (default: skip them with a warning naming each)")
         if name in ("run", "explain"):
             p.add_argument("--workers", type=positive_int, help="compute the SHAP maps on N Ray "
                            "workers (attaches to RAY_ADDRESS when set, else starts a local Ray)")
@@ -74,28 +77,51 @@ def _print_result(result: dict[str, Any], out: Path) -> None:
     print(f"results: {out / 'result.json'}")
 
 
-def run_command(args: argparse.Namespace) -> None:
-    out: Path = args.out
-    if args.command == "report":
-        from impactx_ray.sweep.report import report
+def absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The user's relative paths made absolute now, while the current directory is the one
+    they meant: config.json is read again by later steps, maybe from elsewhere."""
+    from impactx_ray.data.datasets import IMAGEFOLDER_PREFIX
 
-        report(out)
-        return
+    fixed = dict(overrides)
+    for key in ("data_root", "weights"):
+        if isinstance(fixed.get(key), str):
+            fixed[key] = os.path.abspath(os.path.expanduser(fixed[key]))
+    dataset = fixed.get("dataset")
+    if isinstance(dataset, str) and dataset.startswith(IMAGEFOLDER_PREFIX):
+        path = dataset[len(IMAGEFOLDER_PREFIX):]
+        if path.strip():
+            fixed["dataset"] = IMAGEFOLDER_PREFIX + os.path.abspath(os.path.expanduser(path))
+    return fixed
+
+
+def prepare(args: argparse.Namespace) -> Any:
+    """The ``Run`` of a step, its config validated and its data loaded; nothing is written."""
     from impactx_ray.config import RunConfig
-    from impactx_ray.methods import METHODS
     from impactx_ray.rundir import RunDir
     from impactx_ray.runner import Run
 
-    overrides = config_overrides(args)
-    cfg = (RunConfig.from_dict(overrides) if args.command == "run"
-           else RunDir(out).load_config(overrides))
-    run = Run(cfg, out, progress=not getattr(args, "quiet", False),
+    overrides = absolute_paths(config_overrides(args))
+    if args.command == "run":
+        cfg = RunConfig.from_dict({**absolute_paths({"data_root": RunConfig.data_root}),
+                                   **overrides})
+    else:
+        cfg = RunDir(args.out).load_config(overrides)
+    run = Run(cfg, args.out, progress=not getattr(args, "quiet", False),
               workers=getattr(args, "workers", None),
-              gpus_per_worker=getattr(args, "gpus_per_worker", None))
+              gpus_per_worker=getattr(args, "gpus_per_worker", None),
+              strict=getattr(args, "strict", False))
+    run.data  # noqa: B018 - load (and check) the data before anything is written
+    return run
+
+
+def execute(run: Any, args: argparse.Namespace) -> None:
+    """Run the step (under the run directory's lock)."""
+    from impactx_ray.methods import METHODS
+
+    out: Path = args.out
     if args.command == "run":
         _print_result(run.run_all(tuple(getattr(args, "method", None) or ("impactx",))), out)
         return
-    run.data  # noqa: B018 - load (and check) the data before anything is written
     checkpoint = getattr(args, "checkpoint", None)
     if args.command == "explain":
         store = run.explain(checkpoint)
@@ -111,6 +137,33 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         _print_result(run.evaluate(morf=getattr(args, "morf", False),
                                    morf_images=getattr(args, "morf_images", 100)), out)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    out: Path = args.out
+    if args.command == "report":
+        from impactx_ray.sweep.report import report
+
+        report(out)
+        return
+    from impactx_ray.lock import DirLock
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; choose a directory for the "
+                        "run's files")
+    if args.command == "run" and not out.exists():
+        # Every input is checked before the directory is created; then it is created locked.
+        run = prepare(args)
+        with DirLock(out, what="run directory", create=True):
+            execute(run, args)
+        return
+    if not out.exists():
+        raise UserError(f"{out / 'config.json'} does not exist; run `impactx run --out {out}` "
+                        "first")
+    # An existing directory is locked before its config.json is read: another command writing
+    # it is reported as such, not as whatever half-state it is in. The lock leaves no trace.
+    with DirLock(out, what="run directory"):
+        execute(prepare(args), args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,10 @@ class RunConfig:
         _check_int("--image-size", self.image_size, minimum=8)
         if self.input_size is not None:
             _check_int("--input-size", self.input_size, minimum=8)
+        # numpy's RandomState (the split, shap's tie-breaks) takes seeds in [0, 2**32)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
+        _check_types(self)
         _check_positive("--lr", self.lr)
         if self.stage2_lr is not None:
             _check_positive("--stage2-lr", self.stage2_lr)
@@ -121,6 +125,23 @@ class RunConfig:
     def subset(self, keys: tuple[str, ...]) -> dict[str, Any]:
         d = self.to_dict()
         return {k: d[k] for k in keys}
+
+
+# The type of every text and flag field (numbers are checked by range above): a config.json
+# edited by hand is refused on one line, not deep inside a later step.
+_OPTIONAL_STR = ("masker", "weights")
+_STR = ("model", "dataset", "engine", "data_root", "device")
+
+
+def _check_types(cfg: RunConfig) -> None:
+    for name in _STR + _OPTIONAL_STR:
+        value = getattr(cfg, name)
+        if not isinstance(value, str) and not (value is None and name in _OPTIONAL_STR):
+            raise UserError(f"config value {name}={value!r} must be a string")
+    for name, optional in (("pretrained", True), ("download", False)):
+        value = getattr(cfg, name)
+        if not isinstance(value, bool) and not (value is None and optional):
+            raise UserError(f"config value {name}={value!r} must be true or false")
 
 
 def _is_number(v: Any) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from impactx_ray.config import RunConfig
+from impactx_ray.errors import UserError
 from impactx_ray.io import file_sha256, read_json, write_json
 from impactx_ray.methods import BASELINE, Method
 from impactx_ray.train.checkpoint import load_checkpoint
@@ -51,20 +52,49 @@ class RunDir:
     def history(self, method: Method) -> Path:
         return self.root / method.directory / "history.json"
 
-    def saved_config(self) -> dict[str, Any] | None:
-        """The saved config.json as a dict, or None when there is none yet."""
-        return read_json(self.config) if self.config.exists() else None
-
     def load_config(self, overrides: dict[str, Any]) -> RunConfig:
         """The run's saved config with ``overrides`` applied (validated; nothing is written)."""
         saved = read_json(self.config, hint=f"run `impactx run --out {self.root}` first")
-        return RunConfig.from_saved(saved, overrides)
+        try:
+            return RunConfig.from_saved(saved, overrides)
+        except UserError as e:
+            try:
+                RunConfig.from_saved(saved)
+            except UserError:  # the saved file is at fault, not a flag: name it
+                raise UserError(f"{self.config}: {e}") from None
+            raise
 
     def record_timings(self, **timings: float) -> dict[str, float]:
         """Merge ``timings`` into timings.json (steps may run in separate commands)."""
         merged = {**(read_json(self.timings) if self.timings.exists() else {}), **timings}
         write_json(self.timings, merged)
         return merged
+
+    def mismatch(self, method: Method, cfg: RunConfig, path: Path | None = None) -> str | None:
+        """How the checkpoint of ``method`` (here, or at ``path``) disagrees with ``cfg`` on a
+        setting that shaped it, e.g. ``stage2/model.pt was trained with lam=0.6, not 1.4``;
+        None when it agrees or is absent. Checkpoints from before the method table record no
+        settings and cannot be checked."""
+        path = path or self.checkpoint(method)
+        if not path.exists():
+            return None
+        saved = load_checkpoint(path)[1].get("config")
+        if not isinstance(saved, dict):
+            return None
+        for key in method.settings:
+            if key in saved and saved[key] != getattr(cfg, key):
+                return (f"{path} was trained with {key}={saved[key]!r}, not "
+                        f"{key}={getattr(cfg, key)!r}")
+        return None
+
+    def stale(self, method: Method) -> bool:
+        """Whether the checkpoint of a method built on stage 1 was built on another stage-1
+        checkpoint than the one here now (a redone stage 1); such a checkpoint is retrained."""
+        path, stage1 = self.checkpoint(method), self.checkpoint(BASELINE)
+        if not method.on_stage1 or not path.exists():
+            return False
+        built_on = load_checkpoint(path)[1].get("stage1_hash")
+        return built_on is not None and (not stage1.exists() or built_on != file_sha256(stage1))
 
     def holds(self, method: Method, cfg: RunConfig) -> bool:
         """Whether the method's checkpoint here was made with ``cfg`` (its settings) and, for the

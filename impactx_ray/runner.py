@@ -9,6 +9,7 @@ shard), and never overwrites a finished artifact: a redone checkpoint moves the 
 
 from __future__ import annotations
 
+import sys
 import time
 from functools import cached_property, partial
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from impactx_ray.config import EXPLAIN_SETTINGS, STAGE1_SETTINGS, STAGE2_SETTINGS, RunConfig
-from impactx_ray.data import ImageData, load_dataset, train_val_split
+from impactx_ray.checks import (chance_warning, check_backbone, check_eval_budget,
+                                constant_map_counts, constant_maps_warning, store_warning)
+from impactx_ray.config import RunConfig
+from impactx_ray.data import ImageData, dataset_fingerprint, load_dataset, train_val_split
 from impactx_ray.errors import UserError
 from impactx_ray.explain import ExplainSettings, MapStore, compute_store, load_checkpoint_maps
 from impactx_ray.io import file_sha256, read_json, write_json
@@ -33,30 +36,64 @@ class Run:
     """The steps of one run: ``explain``, ``train(method)``, ``evaluate``, or ``run_all``."""
 
     def __init__(self, cfg: RunConfig, out: str | Path, *, progress: bool = True,
-                 workers: int | None = None, gpus_per_worker: float | None = None) -> None:
+                 workers: int | None = None, gpus_per_worker: float | None = None,
+                 strict: bool = False) -> None:
         self.cfg, self.dir, self.progress = cfg, RunDir(Path(out)), progress
         self.settings = ExplainSettings.from_config(cfg)
         self.device = resolve_device(cfg.device)
         self.workers, self.gpus_per_worker = workers, gpus_per_worker  # Ray map workers
+        self.strict = strict  # refuse unreadable image files instead of skipping them
+        self.warnings: list[str] = []  # said on stderr as they arise, and kept in result.json
 
     @cached_property
     def data(self) -> tuple[ImageData, ImageData]:
         """(train, test), loaded once; missing data is a UserError before anything is written."""
         return load_dataset(self.cfg.dataset, self.cfg.data_root, download=self.cfg.download,
-                            image_size=self.cfg.image_size)
+                            image_size=self.cfg.image_size, strict=self.strict, warn=self.warn)
 
     @property
     def spec(self) -> ModelSpec:
         return ModelSpec.of(self.cfg, self.data[0])
 
-    def check_compatible(self) -> None:
-        """Refuse to mix a new config into a directory that already holds a different run."""
-        saved = self.dir.saved_config() or {}
-        for key in STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_SETTINGS:
-            if key in saved and saved[key] != getattr(self.cfg, key):
-                raise UserError(f"{self.dir.root} already holds a run with {key}={saved[key]!r} "
-                                f"(asked: {getattr(self.cfg, key)!r}); choose another --out, or "
-                                "redo one step with `impactx stage1|explain|stage2 --out`")
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train rows, validation rows) of the training set."""
+        tr, va = train_val_split(len(self.data[0]), self.cfg.val_fraction, seed=self.cfg.seed)
+        return torch.as_tensor(tr), torch.as_tensor(va)
+
+    # -- checks before writing --------------------------------------------------------------------
+    def check_inputs(self, *, explains: bool = False, trains: tuple[Method, ...] = ()) -> None:
+        """Everything a step can check before it writes: the data (loaded), the SHAP budget when
+        it computes maps, the backbone (pretrained download, --weights) when it trains from it."""
+        train = self.data[0]
+        if explains:
+            h, w = train.image_size
+            check_eval_budget(self.cfg.max_evals, (h, w, int(train.images.shape[1])))
+        if any(not m.on_stage1 for m in trains):
+            check_backbone(self.cfg, train.num_classes)
+
+    def check_compatible(self, methods: tuple[Method, ...], hint: str, *,
+                         skip_stale: bool = False) -> None:
+        """Refuse a config that disagrees with a checkpoint here of ``methods`` on a setting that
+        shaped it: such a step would build on, or report, a model made with other settings.
+        ``skip_stale`` passes over checkpoints built on an older stage 1 (``run`` retrains them)."""
+        for method in methods:
+            if skip_stale and self.dir.stale(method):
+                continue
+            problem = self.dir.mismatch(method, self.cfg)
+            if problem:
+                raise UserError(f"{problem}; {hint}")
+
+    def check_stage1(self, checkpoint: Path | None) -> None:
+        """The stage-1 checkpoint a step builds on must have been trained with this config."""
+        problem = self.dir.mismatch(BASELINE, self.cfg, checkpoint)
+        if problem:
+            raise UserError(f"{problem}; pass the settings it was trained with, or redo it with "
+                            f"`impactx stage1 --out {self.dir.root}`")
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            print(f"impactx: warning: {message}", file=sys.stderr, flush=True)
 
     def save_config(self) -> None:
         write_json(self.dir.config, self.cfg.to_dict())
@@ -64,9 +101,11 @@ class Run:
     # -- SHAP maps --------------------------------------------------------------------------------
     def explain(self, checkpoint: Path | None = None) -> MapStore:
         """Compute the missing maps of the stage-1 checkpoint's store, here or on Ray workers."""
+        self.check_stage1(checkpoint)
         checkpoint = checkpoint or self.dir.checkpoint(BASELINE)
         model = load_stage1(checkpoint, self.spec).to(self.device).eval()  # checked before writing
         train = self.data[0]
+        self.check_inputs(explains=True)
         store = self.settings.open_store(self.dir.maps, file_sha256(checkpoint), train)
         todo = sum(b - a for a, b in map(store.shard_range, store.missing_shards()))
         start = time.perf_counter()
@@ -87,7 +126,15 @@ class Run:
                      f"-> {store.path}")
         else:
             self.say(f"SHAP maps: reusing {store.path}")
+        self.check_maps(store)
         return store
+
+    def check_maps(self, store: MapStore) -> None:
+        """Warn about constant maps in a complete store (a collapsed model explains nothing)."""
+        if not store.missing_shards(verify=False):
+            warning = store_warning(store)
+            if warning:
+                self.warn(warning)
 
     def maps(self, checkpoint: Path, maps: Path | None = None) -> np.ndarray:
         """The complete maps of a stage-1 checkpoint: from ``maps`` (checked) or the run's store."""
@@ -99,25 +146,49 @@ class Run:
         """Train ``method`` (on ``checkpoint``, the stage-1 model, and its ``maps`` when it needs
         them), save its checkpoint and history; returns the checkpoint's meta."""
         train = self.data[0]
-        tr, va = (torch.as_tensor(i) for i in train_val_split(len(train), self.cfg.val_fraction,
-                                                              seed=self.cfg.seed))
+        tr, va = self.split()
         inputs = TrainInputs(self.cfg, train, tr, va, self.device, progress=self.progress)
         if method.on_stage1:
+            self.check_stage1(checkpoint)
             inputs.stage1 = checkpoint or self.dir.checkpoint(BASELINE)
             load_stage1(inputs.stage1, self.spec)  # a bad checkpoint fails before the maps load
             inputs.maps = self.maps(inputs.stage1, maps) if method.needs_maps else None
+            if inputs.maps is not None:
+                warning = constant_maps_warning([constant_map_counts(inputs.maps)],
+                                                len(inputs.maps))
+                if warning:
+                    self.warn(warning)
+        else:
+            self.check_inputs(trains=(method,))
         start = time.perf_counter()
-        result, meta = train_method(method, inputs)
+        try:
+            result, meta = train_method(method, inputs)
+        except FloatingPointError as e:  # a diverged loss: the learning rate, not a bug
+            lr = f"--stage2-lr {self.cfg.lr2:g}" if method.on_stage1 else f"--lr {self.cfg.lr:g}"
+            raise UserError(f"{method.title} diverged with {lr}: {e}; nothing of this step "
+                            "was saved") from None
         save_checkpoint(self.dir.checkpoint(method), result.model.state_dict(), meta)
         write_json(self.dir.history(method), result.history)
         self.dir.record_timings(**{f"{method.name}_wall": time.perf_counter() - start})
+        if not method.on_stage1:
+            self.check_chance(method, meta["val_accuracy"])
         return meta
+
+    def check_chance(self, method: Method, val_accuracy: float) -> None:
+        warning = chance_warning(val_accuracy, self.data[0].labels[self.split()[1]],
+                                 f"{method.title} ({self.dir.checkpoint(method)})")
+        if warning:
+            self.warn(warning)
 
     def run_all(self, methods: tuple[str, ...] = ("impactx",)) -> dict[str, Any]:
         """The baseline and every method in ``methods``, each unless already done; then evaluate."""
         wanted = {BASELINE.name, *(get_method(m).name for m in methods)}
-        self.check_compatible()
-        self.data  # noqa: B018 - missing data fails here, before anything is written
+        self.check_compatible(tuple(METHODS.values()), "choose another --out, or redo one step "
+                              f"with `impactx stage1|explain|stage2 --out {self.dir.root}`",
+                              skip_stale=True)
+        todo = tuple(m for m in METHODS.values()
+                     if m.name in wanted and not self.dir.holds(m, self.cfg))
+        self.check_inputs(explains=any(m.needs_maps for m in todo), trains=todo)
         self.save_config()
         explained = False
         for method in (m for m in METHODS.values() if m.name in wanted):  # the table's order
@@ -134,14 +205,23 @@ class Run:
     def evaluate(self, morf: bool = False, morf_images: int = 100) -> dict[str, Any]:
         """Test accuracy of every method trained here; MoRF/AOPC and figures with ``morf``."""
         train, test = self.data
+        self.check_compatible(tuple(METHODS.values()),
+                              "evaluate with the settings it was trained with, or redo it "
+                              f"(`impactx stage1|stage2 --out {self.dir.root}` with these flags)")
         result: dict[str, Any] = {"hyperparameters": self.cfg.to_dict(), "num_train": len(train),
-                                  "num_test": len(test), "device": str(self.device)}
+                                  "num_test": len(test), "device": str(self.device),
+                                  "trained_with": {}}
         models, seconds = {}, {}
         for method in METHODS.values():
             path = self.dir.checkpoint(method)
             if method is not BASELINE and not path.exists():
                 continue
             model, meta = load_model(path, self.spec, method)
+            result["trained_with"][method.name] = meta.get("config")
+            if not method.on_stage1:
+                self.check_chance(method, meta["val_accuracy"])
+            elif method.needs_maps and not self.dir.stale(method):
+                self.check_run_maps()
             models[method.name] = model.to(self.device)
             result[f"{method.name}_val_accuracy"] = meta["val_accuracy"]
             result[f"{method.name}_test_accuracy"] = accuracy(model, test, device=self.device)
@@ -152,8 +232,18 @@ class Run:
         elif "morf" in previous:  # keep an earlier MoRF evaluation in the result
             result["morf"] = previous["morf"]
         result["timings_s"] = self.dir.record_timings(**seconds)
+        result["warnings"] = list(self.warnings)
         write_json(self.dir.result, result)
         return result
+
+    def check_run_maps(self) -> None:
+        """:meth:`check_maps` of the run's own store for its stage-1 checkpoint, if there is one."""
+        try:
+            store = self.settings.find_store(self.dir.maps, file_sha256(self.dir.checkpoint(BASELINE)),
+                                             dataset_fingerprint(self.data[0]))
+        except UserError:  # maps from --maps elsewhere, or none: nothing here to check
+            return
+        self.check_maps(store)
 
     def _morf(self, models: dict[str, torch.nn.Module], test: ImageData, n: int) -> dict[str, Any]:
         from impactx_ray.eval.compare import morf_comparison, write_morf

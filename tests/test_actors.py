@@ -130,3 +130,94 @@ def test_bad_worker_count(inputs, tmp_path):
     store = new_store(tmp_path / "maps", *inputs)
     with pytest.raises(UserError, match="--workers"):
         run_ray(store, inputs, workers=0)
+
+
+# -- workers the cluster cannot place, stalls, transient errors (issue 13) -------------------------
+def test_more_workers_than_the_cluster_can_place_are_clamped(ray_local, inputs, reference,
+                                                             tmp_path):
+    said = []
+    store = new_store(tmp_path / "maps", *inputs)
+    run_ray(store, inputs, workers=4, log=said.append)  # a 2-CPU cluster: 2 workers fit
+    assert said[0] == ("--workers 4: the Ray cluster (CPU 2) can place 2 map workers of CPU 1 "
+                       "each; using 2"), said
+    np.testing.assert_allclose(store.load(), reference, rtol=0, atol=1e-6)
+
+
+def test_a_worker_that_cannot_be_placed_is_refused(ray_local, inputs, tmp_path):
+    store = new_store(tmp_path / "maps", *inputs)
+    with pytest.raises(UserError, match=r"cannot place one map worker needing CPU 1, GPU 1"):
+        run_ray(store, inputs, gpus_per_worker=1.0)
+    assert store.missing_shards() == list(range(store.num_shards))
+
+
+def test_a_worker_waiting_for_resources_gets_no_shard_and_the_watchdog_says_so(
+        ray_local, inputs, reference, tmp_path):
+    @ray.remote(num_cpus=1)
+    class Hog:  # holds one of the two CPUs for the whole test
+        def ping(self):
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    said = []
+    try:
+        store = new_store(tmp_path / "maps", *inputs)
+        run_ray(store, inputs, workers=2, log=said.append, watchdog_s=0.5,
+                build=partial(Slow, os.getpid()))
+    finally:
+        ray.kill(hog)
+    np.testing.assert_allclose(store.load(), reference, rtol=0, atol=1e-6)
+    # Once one worker runs, the report names its shards and the worker still waiting.
+    stalls = [s for s in said if "no shard finished" in s and "running: shard" in s]
+    assert stalls, said
+    assert ("1 worker not started yet: loading the model, or waiting for CPU 1 each (the "
+            "cluster has no CPU or GPU free of CPU 2)") in stalls[-1], stalls
+
+
+class Slow(torch.nn.Module):
+    """A LeNet-5 that takes 0.2 s per forward in a worker, so shards outlast the watchdog."""
+
+    def __init__(self, driver_pid: int) -> None:
+        super().__init__()
+        self.model, self.in_worker = build_model(), os.getpid() != driver_pid
+
+    def forward(self, x):
+        if self.in_worker:
+            import time
+
+            time.sleep(0.2)
+        return self.model(x)
+
+
+class Flaky(torch.nn.Module):
+    """A LeNet-5 whose first forward after ``flag`` appears raises Ray's transient error."""
+
+    def __init__(self, flag: str) -> None:
+        super().__init__()
+        self.model, self.flag = build_model(), Path(flag)
+
+    def forward(self, x):
+        if self.flag.exists():
+            from ray.exceptions import ActorUnavailableError
+
+            self.flag.unlink()
+            raise ActorUnavailableError("simulated network blip", None)
+        return self.model(x)
+
+
+def test_a_transient_actor_error_retries_the_shard_on_the_same_worker(ray_local, inputs,
+                                                                      reference, tmp_path):
+    from impactx_ray.explain.actors import MapPool
+
+    images, labels = inputs
+    flag = tmp_path / "flaky"
+    said = []
+    store = new_store(tmp_path / "maps", *inputs)
+    with MapPool(partial(Flaky, str(flag)), images, labels, SETTINGS, workers=1,
+                 log=said.append) as pool:
+        pool.wait_ready()
+        flag.touch()  # the worker's next forward fails once
+        pool.compute(store, progress=False)  # one worker: dropping it would end the run
+    assert not flag.exists()
+    assert any("unavailable for shard" in s and "retrying" in s for s in said), said
+    np.testing.assert_allclose(store.load(), reference, rtol=0, atol=1e-6)

@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "impactx_ray"
 
 # What each top-level part of the package may import from the package (besides itself), bottom up:
-# errors, io → data → models → config → train, explain → eval → methods → rundir → runner → sweep → cli.
+# errors, io, lock → data → models → config → train, explain → eval, checks → methods → rundir
+# → runner → sweep → cli.
 BASE = {"errors", "io"}
 ALLOWED = {
     "errors": set(),
@@ -24,11 +25,14 @@ ALLOWED = {
     "explain": BASE | {"data", "config"},
     "eval": BASE | {"data", "models", "config", "explain"},
     "methods": BASE | {"data", "models", "config", "train"},
+    "checks": BASE | {"data", "config", "train", "explain"},
     "rundir": BASE | {"config", "methods", "train"},
-    "runner": BASE | {"data", "config", "explain", "eval", "methods", "rundir", "train"},
+    "runner": BASE | {"data", "config", "explain", "eval", "methods", "rundir", "train", "checks"},
     "flags": BASE,
-    "sweep": BASE | {"data", "models", "config", "train", "explain", "eval", "methods"},
-    "cli": BASE | {"config", "flags", "methods", "rundir", "runner", "sweep"},
+    "lock": {"errors"},
+    "sweep": BASE | {"data", "models", "config", "train", "explain", "eval", "methods", "checks",
+                     "lock"},
+    "cli": BASE | {"data", "config", "flags", "methods", "rundir", "runner", "sweep", "lock"},
     "__main__": {"cli"},
     "__init__": BASE,
 }

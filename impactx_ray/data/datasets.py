@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
+import sys
+import warnings
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from impactx_ray.data.torchvision_sets import check_torchvision_present, load_torchvision
 from impactx_ray.errors import UserError
@@ -113,6 +119,9 @@ def _imagefolder_classes(path: Path, split: str) -> list[str]:
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
         raise UserError(f"image folder {folder} has no class sub-folders; put images in {folder}/<class>/")
+    if len(classes) < 2:  # a one-class "classifier" would report accuracy 1.0 and mean nothing
+        raise UserError(f"image folder {folder} has one class folder ({classes[0]!r}); a "
+                        "classifier needs at least two")
     return classes
 
 
@@ -159,24 +168,59 @@ def _load_digits() -> tuple[ImageData, ImageData]:
     return full.subset(train_idx), full.subset(test_idx)
 
 
-def _read_imagefolder(folder: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from torchvision import datasets, transforms
+# Why a file was unreadable, for these exceptions only: PIL's ways of saying "not an image I can
+# decode" (truncated or foreign bytes, a decompression bomb). Anything else is a bug and raises.
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+               Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def _read_image(path: str, tf: Any) -> torch.Tensor:
+    """One image file as uint8 3×S×S. PIL's decompression-bomb limit is kept, and its warning
+    (over ``Image.MAX_IMAGE_PIXELS``, before the hard error at twice that) counts as refusal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")  # decodes every byte: a truncated file fails here
+    return tf(rgb)
+
+
+def _read_imagefolder(folder: Path, image_size: int, classes: list[str], *, strict: bool,
+                      warn: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every image of ``folder/<class>/``; unreadable files are skipped with one warning that
+    counts and names them, or refused on one line with ``strict``."""
+    from torchvision import transforms
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
     tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
-    try:
-        ds = datasets.ImageFolder(str(folder), transform=tf)  # default loader converts to RGB
-    except FileNotFoundError as exc:  # a class folder without any image file
-        raise UserError(f"image folder {folder}: {' '.join(str(exc).split())}; add images or remove "
-                        "empty class folders") from exc
-    n = len(ds)
-    images = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8)
-    for i in range(n):
-        images[i] = ds[i][0]
-    labels = torch.tensor(ds.targets, dtype=torch.int64)
-    return images, labels, list(ds.classes)
+    samples = make_dataset(str(folder), {c: i for i, c in enumerate(classes)},
+                           extensions=IMG_EXTENSIONS, allow_empty=True)
+    images, labels, bad = [], [], []
+    for path, label in samples:
+        try:
+            images.append(_read_image(path, tf))
+        except _UNREADABLE as e:
+            reason = " ".join(str(e).split())[:160] or type(e).__name__
+            if strict:
+                raise UserError(f"image file {path} is unreadable ({reason}); fix or remove it, "
+                                "or drop --strict to skip unreadable files") from None
+            bad.append(f"{path}: {reason}")
+            continue
+        labels.append(label)
+    if bad:
+        warn(f"skipped {len(bad)} unreadable image file{'s' * (len(bad) > 1)} of {len(samples)} "
+             f"in {folder} (--strict refuses them):\n  " + "\n  ".join(bad))
+    empty = sorted(set(classes) - {classes[i] for i in labels})
+    if empty:
+        raise UserError(f"image folder {folder}: class folder{'s' * (len(empty) > 1)} "
+                        f"{', '.join(empty)} hold{'s' * (len(empty) == 1)} no readable image; add "
+                        "images or remove the class from train and test")
+    stacked = torch.stack(images) if images else torch.empty((0, 3, image_size, image_size),
+                                                            dtype=torch.uint8)
+    return stacked, torch.tensor(labels, dtype=torch.int64), list(classes)
 
 
-def _load_imagefolder(path: Path, image_size: int) -> tuple[ImageData, ImageData]:
+def _load_imagefolder(path: Path, image_size: int, *, strict: bool,
+                      warn: Callable[[str], None]) -> tuple[ImageData, ImageData]:
     train_classes = _imagefolder_classes(path, "train")
     test_classes = _imagefolder_classes(path, "test")
     if train_classes != test_classes:
@@ -184,9 +228,15 @@ def _load_imagefolder(path: Path, image_size: int) -> tuple[ImageData, ImageData
         only_test = sorted(set(test_classes) - set(train_classes))
         raise UserError(f"image folder {path}: train and test class folders differ (only in train: {only_train}, "
                         f"only in test: {only_test}); use the same class folders in both")
-    train = ImageData(*_read_imagefolder(path / "train", image_size))
-    test = ImageData(*_read_imagefolder(path / "test", image_size))
+    train = ImageData(*_read_imagefolder(path / "train", image_size, train_classes, strict=strict,
+                                         warn=warn))
+    test = ImageData(*_read_imagefolder(path / "test", image_size, test_classes, strict=strict,
+                                        warn=warn))
     return train, test
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"impactx: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _check_labels(name: str, data: ImageData) -> None:
@@ -209,18 +259,22 @@ def check_data_present(name: str, root: str | Path = "./data", image_size: int =
 
 
 def load_dataset(
-    name: str, root: str | Path = "./data", *, download: bool = False, image_size: int = 32
+    name: str, root: str | Path = "./data", *, download: bool = False, image_size: int = 32,
+    strict: bool = False, warn: Callable[[str], None] | None = None,
 ) -> tuple[ImageData, ImageData]:
     """Load (train, test) of a data set.
 
     ``root`` holds the torchvision folders (cifar-10-batches-py, cifar-100-python, stl10_binary).
     ``download`` lets torchvision fetch missing files; otherwise missing files raise a UserError saying
     where to put them. ``image_size`` is the square side imagefolder images are resized to; the other
-    data sets have a fixed native size (digits 32, CIFAR 32, STL-10 96).
+    data sets have a fixed native size (digits 32, CIFAR 32, STL-10 96). Unreadable imagefolder
+    files are skipped with a warning through ``warn`` (default: a line on stderr) naming each, or
+    refused with ``strict``.
     """
     check_dataset_name(name)
     if name.startswith(IMAGEFOLDER_PREFIX):
-        train, test = _load_imagefolder(_imagefolder_path(name), _check_image_size(image_size))
+        train, test = _load_imagefolder(_imagefolder_path(name), _check_image_size(image_size),
+                                        strict=strict, warn=warn or _warn_stderr)
     elif name == "digits":
         train, test = _load_digits()
     else:

@@ -11,15 +11,23 @@ How the work flows:
   so the store needs to be reachable from the driver only; on a cluster it may be shared storage.
 * A worker process that dies is restarted by Ray (``max_restarts``) and its in-flight shard is
   retried (``max_task_retries``); a worker that is gone for good has its shard queued again for
-  the others. Maps are deterministic per image (shap's tie-breaking RNG is seeded per image), so
-  N workers give the same maps as one.
+  the others. ``ActorUnavailableError``, which Ray documents as transient, retries the shard on
+  the same worker. Maps are deterministic per image (shap's tie-breaking RNG is seeded per
+  image), so N workers give the same maps as one.
+* Never more workers than the cluster's nodes can place (more are clamped, with a message), and
+  shards go only to workers that have started: a worker waiting for resources holds no work, so
+  the run cannot hang on it. A watchdog line says, when no shard has finished for a while, which
+  shards run where and what the others wait on.
 
 Ray stays here: the model, explainer and store are plain PyTorch/NumPy.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -93,24 +101,56 @@ class MapWorker:
         return shard, self.explainer.explain_many(self.images[start:stop], self.labels[start:stop])
 
 
+def _stderr(message: str) -> None:
+    tqdm.write(f"impactx: {message}", file=sys.stderr)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
+
+
+def _resources(res: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(res.items())
+                     if k in ("CPU", "GPU") and v) or "no CPU or GPU"
+
+
+def placeable_workers(cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """How many workers of these resources the cluster's live nodes can hold at once (a worker
+    needs all of its resources on one node)."""
+    total = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        fits = [math.floor(res.get(k, 0.0) / need + 1e-9)
+                for k, need in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)) if need > 0]
+        total += min(fits) if fits else 0
+    return total
+
+
 class MapPool:
     """Ray actors holding one model and one image set, computing map shards on request.
 
     Create it once (workers load the checkpoint and receive the images once), then ``compute``
     any number of stores over the same images; ``close`` (or ``with``) releases the actors.
+    Never more workers than the cluster can place: more are clamped, with a message (``log``).
     """
+
+    #: consecutive ``ActorUnavailableError`` s of one shard before its worker counts as gone
+    TRANSIENT_RETRIES = 5
 
     def __init__(self, build_model: ModelBuilder, images: torch.Tensor,
                  labels: torch.Tensor | np.ndarray | Sequence[int], settings: ExplainSettings, *,
                  workers: int, forward_batch: int | None = None,
                  gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
-                 torch_threads: int = 1, max_restarts: int = 3) -> None:
+                 torch_threads: int = 1, max_restarts: int = 3,
+                 log: Callable[[str], None] = _stderr, watchdog_s: float = 60.0) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
         check_images(images)
         n, c, h, w = images.shape
         self.images_shape, self.labels = (n, c, h, w), labels_array(labels, n)
-        self.settings = settings
+        self.settings, self.log, self.watchdog_s = settings, log, watchdog_s
         self.explainer_kwargs = settings.explainer_kwargs((h, w))
         hwc = to_hwc(images)
         # Validate the settings and labels here, where an error can be a clean one-liner.
@@ -120,6 +160,8 @@ class MapPool:
         init_ray()
         if gpus_per_worker is None:
             gpus_per_worker = default_gpus_per_worker()
+        self.needs = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
+        workers = self._clamp(workers)
         # Put once; every task carries these refs (not the data), and the pool keeps them alive
         # so that a restarted actor can fetch them again.
         self.data_refs = [ray.put(hwc), ray.put(self.labels)]
@@ -129,15 +171,31 @@ class MapPool:
         self.actors = [actor_cls.remote(build_model, {**self.explainer_kwargs, "forward_batch": forward_batch},
                                          torch_threads)
                        for _ in range(workers)]
+        self.ready: list[Any] = []  # actors that finished warm_up: only they are handed shards
+
+    def _clamp(self, workers: int) -> int:
+        """``workers``, or fewer when the cluster cannot place them: an actor that can never be
+        scheduled would otherwise wait (and keep its shards waiting) for ever."""
+        can = placeable_workers(self.needs["CPU"], self.needs["GPU"])
+        have = _resources(ray.cluster_resources())
+        if can < 1:
+            raise UserError(f"the Ray cluster ({have}) cannot place one map worker needing "
+                            f"{_resources(self.needs)}; lower --gpus-per-worker or add nodes")
+        if workers > can:
+            self.log(f"--workers {workers}: the Ray cluster ({have}) can place {can} map "
+                     f"workers of {_resources(self.needs)} each; using {can}")
+        return min(workers, can)
 
     def wait_ready(self) -> list[int]:
         """Block until every worker has loaded its model and compiled shap's kernels; their pids."""
-        return ray.get([a.warm_up.remote(self.data_refs) for a in self.actors])
+        pids = ray.get([a.warm_up.remote(self.data_refs) for a in self.actors])
+        self.ready = list(self.actors)
+        return pids
 
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
-        self.actors = []
+        self.actors, self.ready = [], []
 
     def __enter__(self) -> MapPool:
         return self
@@ -149,49 +207,122 @@ class MapPool:
                 on_shard: Callable[[int], None] | None = None) -> MapStore:
         """Compute the store's missing shards, writing each as it arrives.
 
-        ``on_shard(i)`` is called after shard ``i`` is written (progress hooks, tests).
+        Shards go only to workers that have started (warmed up), two at a time each, so a worker
+        still waiting for resources holds no work. ``on_shard(i)`` is called after shard ``i`` is
+        written (progress hooks, tests). Every ``watchdog_s`` without a finished shard, ``log``
+        says which shards are running where and what the rest wait on.
         """
         n, c, h, w = check_fits(store, torch.empty(self.images_shape))
         check_settings(store, self.settings, (h, w))
         missing = store.missing_shards(verify=True)
-        queue = deque(missing)
-        in_flight: dict[ray.ObjectRef, tuple[Any, int]] = {}
-        actors = list(self.actors)
-
-        def refill() -> None:
-            """Keep two shards in flight per live actor, so none idles while the driver writes."""
-            for actor in actors:
-                for _ in range(2 - sum(a is actor for a, _ in in_flight.values())):
-                    if queue:
-                        i = queue.popleft()
-                        ref = actor.explain_shard.remote(i, *store.shard_range(i), self.data_refs)
-                        in_flight[ref] = (actor, i)
-
+        run = _Dispatch(self, store, deque(missing))
         total = sum(b - a for a, b in map(store.shard_range, missing))
-        with tqdm(total=total, unit="map", desc=f"SHAP maps ({len(actors)} workers)",
+        with tqdm(total=total, unit="map", desc=f"SHAP maps ({len(self.actors)} workers)",
                   disable=not progress or not missing, dynamic_ncols=True) as bar:
-            refill()
-            while in_flight:
-                (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-                actor, i = in_flight.pop(ref)
-                try:
-                    shard, maps = ray.get(ref)
-                except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-                    # Out of restarts: its shard goes back to the queue for the others.
-                    queue.appendleft(i)
-                    actors = [a for a in actors if a is not actor]
-                    if not actors:
-                        cause = str(err).strip().splitlines()[0][:300]
-                        raise RuntimeError(f"every map worker died (last: {cause}); finished "
-                                           "shards are kept, rerun to resume") from err
-                    refill()
-                    continue
+            for shard, maps in run:
                 store.write_shard(shard, maps)
                 bar.update(len(maps))
                 if on_shard is not None:
                     on_shard(shard)
-                refill()
         return store
+
+
+class _Dispatch:
+    """One ``MapPool.compute``: hands shards to ready workers and yields (shard, maps) as they
+    finish; warms up the workers not yet ready; retries transient errors; reports stalls."""
+
+    def __init__(self, pool: MapPool, store: MapStore, queue: deque[int]) -> None:
+        self.pool, self.store, self.queue = pool, store, queue
+        self.warming = {a.warm_up.remote(pool.data_refs): a for a in pool.actors
+                        if a not in pool.ready} if queue else {}
+        self.in_flight: dict[ray.ObjectRef, tuple[Any, int]] = {}
+        self.unavailable: dict[int, int] = {}  # shard -> consecutive ActorUnavailableErrors
+
+    def refill(self) -> None:
+        """Keep two shards in flight per ready worker, so none idles while the driver writes."""
+        for actor in self.pool.ready:
+            for _ in range(2 - sum(a is actor for a, _ in self.in_flight.values())):
+                if self.queue:
+                    i = self.queue.popleft()
+                    ref = actor.explain_shard.remote(i, *self.store.shard_range(i),
+                                                     self.pool.data_refs)
+                    self.in_flight[ref] = (actor, i)
+
+    def drop(self, actor: Any, err: BaseException) -> None:
+        """A worker gone for good: its shards go back to the queue for the others."""
+        self.pool.ready = [a for a in self.pool.ready if a is not actor]
+        if not self.pool.ready and not self.warming:
+            cause = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise RuntimeError(f"every map worker died (last: {cause}); finished shards are "
+                               "kept, rerun to resume") from err
+
+    def __iter__(self):
+        self.refill()
+        last = time.monotonic()
+        while self.in_flight or (self.queue and self.warming):
+            wait = max(0.0, last + self.pool.watchdog_s - time.monotonic())
+            done, _ = ray.wait([*self.in_flight, *self.warming], num_returns=1, timeout=wait)
+            if not done:
+                self.pool.log(self.stall_report(time.monotonic() - last))
+                last = time.monotonic()
+                continue
+            ref = done[0]
+            if ref in self.warming:
+                actor = self.warming.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as err:  # it never started: the others go on
+                    self.drop(actor, err)
+                else:
+                    self.pool.ready.append(actor)
+                self.refill()
+                continue
+            actor, i = self.in_flight.pop(ref)
+            try:
+                shard, maps = ray.get(ref)
+            except ActorUnavailableError as err:
+                # Transient by Ray's definition (a restart, a network blip): retry the shard on
+                # the same worker, and only give the worker up when it stays unavailable.
+                self.queue.appendleft(i)
+                self.unavailable[i] = self.unavailable.get(i, 0) + 1
+                if self.unavailable[i] > MapPool.TRANSIENT_RETRIES:
+                    self.drop(actor, err)
+                else:
+                    self.pool.log(f"map worker {self.name(actor)} unavailable for shard {i} "
+                                  f"(try {self.unavailable[i]} of {MapPool.TRANSIENT_RETRIES}); "
+                                  "retrying")
+                    time.sleep(min(5.0, 0.5 * self.unavailable[i]))
+                self.refill()
+                continue
+            except (ActorDiedError, RayActorError) as err:  # out of restarts
+                self.queue.appendleft(i)
+                self.drop(actor, err)
+                self.refill()
+                continue
+            self.unavailable.pop(i, None)
+            last = time.monotonic()
+            yield shard, maps
+            self.refill()
+        if self.queue:  # cannot happen while a worker is left; never report success without maps
+            raise RuntimeError(f"{len(self.queue)} map shards were not computed; rerun to resume")
+
+    def name(self, actor: Any) -> str:
+        return f"#{self.pool.actors.index(actor) + 1}" if actor in self.pool.actors else "?"
+
+    def stall_report(self, seconds: float) -> str:
+        """One line: what is running where, and what the rest is waiting on."""
+        running = ", ".join(f"shard {i} on worker {self.name(a)}"
+                            for a, i in sorted(self.in_flight.values(), key=lambda t: t[1]))
+        parts = [f"SHAP maps: no shard finished in {seconds:.0f} s",
+                 f"running: {running or 'none'}"]
+        if self.queue:
+            parts.append(f"{_count(len(self.queue), 'shard')} queued for a free worker")
+        if self.warming:
+            parts.append(f"{_count(len(self.warming), 'worker')} not started yet: loading the "
+                         f"model, or waiting for {_resources(self.pool.needs)} each (the cluster "
+                         f"has {_resources(ray.available_resources())} free of "
+                         f"{_resources(ray.cluster_resources())})")
+        return "; ".join(parts)
 
 
 def compute_store_ray(store: MapStore, build_model: ModelBuilder, images: torch.Tensor,

@@ -39,6 +39,12 @@ def load_checkpoint_maps(checkpoint_hash: str, settings: ExplainSettings, maps_r
             raise UserError(f"map store {store} was built from checkpoint {built_from[:12]}, "
                             f"but the stage-1 checkpoint is {checkpoint_hash[:12]}; "
                             "run `impactx explain` for this checkpoint")
+        # The maps' settings are recorded with whatever is trained on them: they must be these.
+        for key, value in settings.explainer_kwargs(found.map_shape[:2]).items():
+            if found.meta.get(key) != value:
+                raise UserError(f"map store {store} was made with {key}={found.meta.get(key)!r}, "
+                                f"but this run's settings say {key}={value!r}; pass the store's "
+                                "settings (e.g. --max-evals, --masker) or run `impactx explain`")
     if found.missing_shards():
         raise UserError(f"map store {found.path} is incomplete; rerun `impactx explain` to "
                         "finish it (finished shards are kept)")

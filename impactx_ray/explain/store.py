@@ -67,6 +67,42 @@ def _normalize_meta(meta: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"map store meta must be JSON values (str, int, float, list, dict): {e}") from None
 
 
+def _is_int(v: Any, minimum: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's structure, or None. Every shard ``file`` must be a plain
+    name in the store: a tampered ``../../x.npy`` would otherwise read (and rewrite) files
+    outside it."""
+    if not isinstance(m.get("meta"), dict):
+        return "no meta object"
+    if not isinstance(m.get("store_id"), str):
+        return "no store_id"
+    if not _is_int(m.get("num_maps"), 1) or not _is_int(m.get("shard_size"), 1):
+        return "num_maps and shard_size must be integers >= 1"
+    shape = m.get("map_shape")
+    if not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(s, 1) for s in shape):
+        return f"map_shape {shape!r} is not [H, W, C]"
+    shards = m.get("shards")
+    if not isinstance(shards, list) or not shards:
+        return "no shard list"
+    stop = 0
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or shard.get("index") != i:
+            return f"shard {i} is not described"
+        name = shard.get("file")
+        if (not isinstance(name, str) or not name.endswith(".npy") or name != os.path.basename(name)
+                or name.startswith(".") or "\\" in name):
+            return f"shard {i} file {name!r} is not a file name inside the store"
+        if shard.get("start") != stop or not _is_int(shard.get("stop"), stop + 1):
+            return f"shard {i} does not continue the previous one"
+        stop = shard["stop"]
+    if stop != m["num_maps"]:
+        return f"the shards cover {stop} of {m['num_maps']} maps"
+    return None
+
+
 class MapStore:
     """A directory of map shards; see the module docstring for the layout and why."""
 
@@ -84,11 +120,18 @@ class MapStore:
             raise UserError(
                 f"map store manifest {mpath} is unreadable ({e}); delete the directory and recompute"
             ) from None
+        if not isinstance(manifest, dict):
+            raise UserError(f"{mpath} is not a {FORMAT} manifest (a JSON {type(manifest).__name__}); "
+                            "delete the directory and recompute")
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"{mpath} is not a version-{FORMAT_VERSION} {FORMAT} manifest "
                 f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
             )
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise UserError(f"map store manifest {mpath} is damaged: {problem}; delete the "
+                            "directory and recompute its maps")
         self.manifest: dict[str, Any] = manifest
         self.meta: dict[str, Any] = manifest["meta"]
         self.num_maps: int = manifest["num_maps"]

@@ -22,11 +22,12 @@ from typing import Any
 
 from impactx_ray.errors import UserError
 from impactx_ray.io import read_json, write_json
+from impactx_ray.lock import LOCK_NAME
 
 RECORD = "sweep.json"
 PREVIOUS = "previous"
 # Kept across a --restart: the embedded MLflow store holds every generation's runs.
-KEPT = ("mlflow.db", "mlartifacts", PREVIOUS)
+KEPT = ("mlflow.db", "mlartifacts", PREVIOUS, LOCK_NAME)  # the lock stays with its holder
 # Directories of sweeps started before sweep.json existed log into this experiment.
 LEGACY_EXPERIMENT = "impactx"
 

@@ -21,11 +21,13 @@ from typing import Any, Callable
 
 from ray import tune
 
+from impactx_ray.checks import winner_warnings
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, load_dataset
 from impactx_ray.errors import UserError
 from impactx_ray.explain import ExplainSettings
 from impactx_ray.io import file_sha256, write_json
+from impactx_ray.lock import hold
 from impactx_ray.methods import METHODS, ModelSpec, get_method, load_model, load_stage1
 from impactx_ray.sweep.identity import SweepIdentity, claim
 from impactx_ray.sweep.progress import StageProgress
@@ -229,6 +231,11 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
              f"test acc {m1['test_accuracy']:.4f}")
     winner_cfg = RunConfig.from_dict({**base_dict, **p1})
     maps = compute_maps(opts, winner_cfg, cell, ckpt1, train)
+    warnings = winner_warnings(m1[METRIC], train, winner_cfg, maps)  # chance level, flat maps
+    for warning in warnings:
+        opts.log(f"{cell.name}: warning: {warning}")
+    if warnings:
+        tracker.tags(cell_run, {"impactx.warnings": "\n".join(warnings)})
     log_winner(tracker, s1_run, p1, m1, load_stage1(ckpt1, spec))
 
     # Stage 2 and the comparison methods read the stage-1 winner and its map store.
@@ -256,7 +263,8 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
            "baseline_val_accuracy": m1[METRIC], "impactx_val_accuracy": m2[METRIC],
            **{k: p1[k] for k in STAGE1_SEARCHED}, "lam": p2.get("lam"),
            "stage1_failed": len(s1.errors), "stage2_failed": len(s2.errors),
-           "comparison_failed": len(s3.errors), **o1.row("stage1"), **o2.row("stage2")}
+           "comparison_failed": len(s3.errors), "warnings": warnings, **o1.row("stage1"),
+           **o2.row("stage2")}
     if opts.morf_images:
         abn = others.get("abn")
         row["aopc"] = morf_for_cell(opts, tracker, cell, cell_run, winner_cfg, test, ckpt2,
@@ -306,6 +314,7 @@ def claim_out(opts: SweepOptions) -> SweepIdentity:
     """The sweep's identity in ``--out``, checked against a sweep already there (before Ray
     starts; a mismatch is a one-line UserError and changes nothing)."""
     opts.out.mkdir(parents=True, exist_ok=True)
+    hold(opts.out, what="sweep directory")  # until this driver exits: one sweep per --out
     return claim(opts.out, opts.settings(), name=opts.name, restart=opts.restart, log=opts.log)
 
 
