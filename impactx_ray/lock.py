@@ -120,9 +120,11 @@ class DirLock:
         if stale is not None:
             self.log(f"taking over the lock on {self.directory} left by {_holder_text(stale)}, "
                      "which is no longer running")
+        prog = Path(sys.argv[0]).name
+        prog = "impactx" if prog == "__main__.py" else prog  # `python -m impactx_ray`
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+                  "command": " ".join([prog, *sys.argv[1:]])[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self.fd = fd
