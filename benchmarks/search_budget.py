@@ -25,18 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# Per-epoch trial checkpoints force Tune's experiment snapshots; its warning about that would
-# drown the table (set before Tune is imported: it reads the variable then).
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+import ray
+from ray import tune
 
-import ray  # noqa: E402
-from ray import tune  # noqa: E402
-
-from impactx_ray.data import load_dataset  # noqa: E402
-from impactx_ray.sweep.pipeline import METRIC, best  # noqa: E402
-from impactx_ray.sweep.search import SearchSpec, tune_plan  # noqa: E402
-from impactx_ray.sweep.spaces import STAGE1_SEARCHED, stage1_space  # noqa: E402
-from impactx_ray.sweep.trainables import CPUS, stage1_trainable  # noqa: E402
+from impactx_ray.data import load_dataset
+from impactx_ray.sweep.pipeline import METRIC, best
+from impactx_ray.sweep.search import SearchSpec, tune_plan
+from impactx_ray.sweep.spaces import STAGE1_SEARCHED, stage1_space
+from impactx_ray.sweep.trainables import CPUS, stage1_trainable
 
 
 def run_search(spec: SearchSpec, args: argparse.Namespace, data: tuple, storage: Path,
@@ -75,6 +71,9 @@ def main() -> None:
     p.add_argument("--reduction-factor", type=float, default=3.0)
     p.add_argument("--cpus", type=int, help="Ray's CPUs (default: all of this machine's)")
     args = p.parse_args()
+    # Per-epoch trial checkpoints force Tune's experiment snapshots; its warning about that would
+    # drown the table (Tune reads the variable when a run starts).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
              log_to_driver=False)
