@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
                                       args.max_concurrent, args.grace_period,
                                       args.reduction_factor, getattr(args, "seed", None) or 0)
         preset = SMOKE if args.smoke else FULL
-        epochs = getattr(args, "epochs", None) or preset["epochs"]
-        args.search_spec.check_epochs(epochs)
+        # epochs per trial, per stage: ASHA's grace period must fit both (checked before Ray)
+        args.trial_epochs = getattr(args, "epochs", None) or preset["epochs"]
+        args.trial_epochs2 = getattr(args, "stage2_epochs", None) or args.trial_epochs
+        args.search_spec.check_epochs(args.trial_epochs)
+        args.search_spec.check_epochs(args.trial_epochs2, "--stage2-epochs")
         if args.dry_run:
             return dry_run(args, cell_list)
         return run(args, cell_list)
@@ -125,10 +128,8 @@ def dry_run(args: argparse.Namespace, cell_list: list) -> int:
     else:
         print(f"{len(cell_list)} cells; Optuna samples Table 1's values")
         print("\n".join(f"  {c.name}: model={c.model} dataset={c.dataset}" for c in cell_list))
-    epochs = getattr(args, "epochs", None) or (SMOKE if args.smoke else FULL)["epochs"]
     print("\n".join(budget(cell_list, spec, small=small, full_stage2=args.stage2_space == "full",
-                           epochs=epochs, stage2_epochs=getattr(args, "stage2_epochs", None)
-                           or epochs)))
+                           epochs=args.trial_epochs, stage2_epochs=args.trial_epochs2)))
     root = getattr(args, "data_root", "./data")
     missing = 0
     for name in dict.fromkeys(c.dataset for c in cell_list):

@@ -10,7 +10,7 @@ the number selection uses, so a trial is never stopped for one noisy epoch it al
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from impactx_ray.errors import UserError
@@ -74,7 +74,7 @@ class SearchSpec:
         """The search one stage runs: a sample as large as the grid is the grid itself, run
         exhaustively (Optuna would only repeat points)."""
         if self.search == "optuna" and self.num_samples >= space.size:
-            return SearchSpec(**{**asdict(self), "search": "grid"})
+            return replace(self, search="grid")
         return self
 
     def trials(self, space: Space) -> int:
