@@ -110,7 +110,7 @@ def prepare(args: argparse.Namespace) -> Any:
               workers=getattr(args, "workers", None),
               gpus_per_worker=getattr(args, "gpus_per_worker", None),
               strict=getattr(args, "strict", False))
-    run.data  # noqa: B018 - load (and check) the data before anything is written
+    run.check_inputs()  # the data is loaded (and checked) before anything is written
     return run
 
 
