@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "maps, SHAP maps of IMPACTX, ABN maps (if trained) and random maps")
             p.add_argument("--morf-images", type=positive_int, help="test images for MoRF "
                            "(default 100)")
+            p.add_argument("--replacement", nargs="+", choices=("noise", "blur", "road"),
+                           help="what replaces removed regions in the MoRF/LeRF curves, one or "
+                           "more of noise (the paper's; default), blur, road (ROAD imputation)")
         if name in ("explain", "stage2"):
             p.add_argument("--checkpoint", type=Path, help="stage-1 checkpoint to use instead of "
                            "the run's own")
@@ -69,8 +72,21 @@ def _print_result(result: dict[str, Any], out: Path) -> None:
         if f"{method.name}_test_accuracy" in result:
             print(f"{method.title + ' test accuracy:':<27} "
                   f"{result[f'{method.name}_test_accuracy']:.4f}")
-    for name, score in result.get("morf", {}).get("aopc", {}).items():
+    morf = result.get("morf", {})
+    for name, score in morf.get("aopc", {}).items():
         print(f"{'AOPC ' + name + ':':<27} {score:.4f}")
+    for replacement, methods in morf.get("metrics", {}).items():
+        print(f"{replacement}: method, AOPC (MoRF), AUC MoRF, AUC LeRF, SRG [95% CI]")
+        for name, m in methods.items():
+            print(f"  {name + ':':<20} " + ", ".join(
+                f"{m[k]['mean']:.4f} [{m[k]['ci_low']:.4f}, {m[k]['ci_high']:.4f}]"
+                for k in ("aopc", "auc_morf", "auc_lerf", "srg")))
+    for model, checks in morf.get("sanity", {}).items():
+        cascade = checks["cascading_randomization"]
+        print(f"sanity {model}: beats random "
+              f"{all(v['passed'] for v in checks['random_ranking'].values())}, rank correlation "
+              f"after randomization {cascade['final_rank_correlation']:.3f} "
+              f"({'passed' if cascade['passed'] else 'FAILED'})")
     print(f"results: {out / 'result.json'}")
 
 
@@ -110,7 +126,9 @@ def run_command(args: argparse.Namespace) -> None:
               f"-> {run.dir.checkpoint(method)}")
     elif args.command == "evaluate":
         _print_result(run.evaluate(morf=getattr(args, "morf", False),
-                                   morf_images=getattr(args, "morf_images", 100)), out)
+                                   morf_images=getattr(args, "morf_images", 100),
+                                   replacements=tuple(getattr(args, "replacement", ("noise",)))),
+                      out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,8 @@ def test_run_all_methods_then_morf_and_report(tmp_path, capsys):
         assert 0 <= result[f"{method}_test_accuracy"] <= 1
     assert main(["evaluate", "--out", str(out), "--morf", "--morf-images", "8", "--quiet"]) == 0
     morf = json.loads((out / "result.json").read_text())["morf"]
-    assert set(morf["aopc"]) == {"IMPACTX", "SHAP of IMPACTX", "ABN", "random"}
+    assert set(morf["aopc"]) == {"IMPACTX", "SHAP of IMPACTX", "random", "ABN", "SHAP of ABN",
+                                 "random (ABN)"}
     assert (out / "morf" / "examples.png").exists() and (out / "morf" / "morf_mean.png").exists()
     assert main(["report", "--out", str(out)]) == 0
     assert "| lenet5 | digits |" in (out / "summary.md").read_text()
