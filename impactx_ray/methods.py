@@ -78,6 +78,7 @@ class Method:
     needs_maps: bool                  # trained on the stage-1 model's SHAP maps
     fit: Callable[[TrainInputs, Backbone | None], StageResult]
     build: Callable[[ModelSpec, dict[str, Any]], nn.Module]  # untrained, shaped as the meta says
+    meta: tuple[tuple[str, Any], ...] = ()  # fixed facts its checkpoints record (how to build them)
 
     def epochs(self, cfg: RunConfig) -> int:
         return cfg.epochs2 if self.on_stage1 else cfg.epochs
@@ -130,9 +131,14 @@ def _build_baseline(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
     return spec.backbone()
 
 
+# Checkpoints of IMPACTX record the LEP they hold; those without it kept LeNet-5's FC120 → FC84.
+LEP_META = ("lep", "fc-layers-replaced")
+
+
 def _build_impactx(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
     return ImpactX.from_backbone(spec.backbone(), image_size=tuple(meta["image_size"]),
-                                 channels=meta["channels"])
+                                 channels=meta["channels"],
+                                 lep_keeps_fc=meta.get(LEP_META[0]) != LEP_META[1])
 
 
 def _build_abn(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
@@ -150,7 +156,8 @@ BASELINE = register_method(Method("baseline", "baseline (A)", "stage1", STAGE1_S
                                   build=_build_baseline))
 register_method(Method("impactx", "IMPACTX", "stage2",
                        STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_SETTINGS,
-                       on_stage1=True, needs_maps=True, fit=_fit_impactx, build=_build_impactx))
+                       on_stage1=True, needs_maps=True, fit=_fit_impactx, build=_build_impactx,
+                       meta=(LEP_META,)))
 register_method(Method("abn", "ABN", "abn", STAGE1_SETTINGS, on_stage1=False, needs_maps=False,
                        fit=_fit_abn, build=_build_abn))
 register_method(Method("wae", "WAE", "wae", STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_BUDGET,
@@ -168,7 +175,7 @@ def checkpoint_meta(method: Method, cfg: RunConfig, data: ImageData, *,
     meta: dict[str, Any] = {"kind": method.name, "model": cfg.model,
                             "num_classes": data.num_classes, "image_size": list(data.image_size),
                             "channels": int(data.images.shape[1]),
-                            "config": cfg.subset(method.settings)}
+                            "config": cfg.subset(method.settings), **dict(method.meta)}
     if stage1_hash is not None:
         meta["stage1_hash"] = stage1_hash
     if result is not None:
