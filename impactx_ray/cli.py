@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--method", nargs="+", choices=tuple(METHODS),
                            help="methods to train besides the baseline (default: impactx)")
+            p.add_argument("--training", choices=("two-stage", "single-stage"),
+                           help="how IMPACTX is trained: two-stage (the paper's; default) or "
+                           "single-stage (M, LEP, D, C together, maps refreshed every "
+                           "--refresh-every epochs): method impactx or impactx_single")
         if name == "evaluate":
             p.add_argument("--morf", action="store_true", help="MoRF curves and AOPC of IMPACTX's "
                            "maps, SHAP maps of IMPACTX, ABN maps (if trained) and random maps")
@@ -109,7 +113,11 @@ def run_command(args: argparse.Namespace) -> None:
               workers=getattr(args, "workers", None),
               gpus_per_worker=getattr(args, "gpus_per_worker", None))
     if args.command == "run":
-        _print_result(run.run_all(tuple(getattr(args, "method", None) or ("impactx",))), out)
+        methods = tuple(getattr(args, "method", None) or ("impactx",))
+        if getattr(args, "training", "two-stage") == "single-stage":
+            methods = tuple(dict.fromkeys("impactx_single" if m == "impactx" else m
+                                          for m in methods))
+        _print_result(run.run_all(methods), out)
         return
     run.data  # noqa: B018 - load (and check) the data before anything is written
     checkpoint = getattr(args, "checkpoint", None)

@@ -3,6 +3,8 @@
     method    trains                                checkpoint depends on              needs
     baseline  A = Q∘M (stage 1)                     STAGE1_SETTINGS                    the data
     impactx   LEP, D, C around the frozen M         + EXPLAIN_ + STAGE2_SETTINGS        stage-1 model, maps
+    impactx_single  M, LEP, D, C together, maps     + EXPLAIN_ + SINGLE_STAGE_SETTINGS  the data (maps made
+                    refreshed every E epochs                                          as it trains)
     abn       an attention branch on the backbone   STAGE1_SETTINGS                    the data
     wae       explanation encoder, C around M       + EXPLAIN_SETTINGS + STAGE2_BUDGET  stage-1 model, maps
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from impactx_ray.config import EXPLAIN_SETTINGS, STAGE1_SETTINGS, STAGE2_BUDGET, STAGE2_SETTINGS, RunConfig
+from impactx_ray.config import SINGLE_STAGE_SETTINGS
 from impactx_ray.data import ImageData
 from impactx_ray.errors import UserError
 from impactx_ray.io import file_sha256
@@ -127,6 +130,20 @@ def _fit_wae(i: TrainInputs, m: Backbone) -> StageResult:
                         on_state=i.on_state)
 
 
+def _fit_single_stage(i: TrainInputs, _: None) -> StageResult:
+    from impactx_ray.explain import ExplainSettings, explain_true_class
+    from impactx_ray.train.single_stage import train_single_stage
+
+    kwargs = ExplainSettings.from_config(i.cfg).explainer_kwargs(i.data.image_size)
+
+    def maps_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        return explain_true_class(model, x, y, progress=False, **kwargs)
+
+    return train_single_stage(i.cfg, i.data, i.train_idx, i.val_idx, maps_of, device=i.device,
+                              on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
+                              on_state=i.on_state)
+
+
 def _build_baseline(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
     return spec.backbone()
 
@@ -139,6 +156,11 @@ def _build_impactx(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
     return ImpactX.from_backbone(spec.backbone(), image_size=tuple(meta["image_size"]),
                                  channels=meta["channels"],
                                  lep_keeps_fc=meta.get(LEP_META[0]) != LEP_META[1])
+
+
+def _build_single_stage(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
+    return ImpactX.from_backbone(spec.backbone(), image_size=tuple(meta["image_size"]),
+                                 channels=meta["channels"], freeze=False)
 
 
 def _build_abn(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
@@ -158,6 +180,10 @@ register_method(Method("impactx", "IMPACTX", "stage2",
                        STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_SETTINGS,
                        on_stage1=True, needs_maps=True, fit=_fit_impactx, build=_build_impactx,
                        meta=(LEP_META,)))
+register_method(Method("impactx_single", "IMPACTX single-stage", "single_stage",
+                       STAGE1_SETTINGS + EXPLAIN_SETTINGS + SINGLE_STAGE_SETTINGS,
+                       on_stage1=False, needs_maps=False, fit=_fit_single_stage,
+                       build=_build_single_stage, meta=(LEP_META,)))
 register_method(Method("abn", "ABN", "abn", STAGE1_SETTINGS, on_stage1=False, needs_maps=False,
                        fit=_fit_abn, build=_build_abn))
 register_method(Method("wae", "WAE", "wae", STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_BUDGET,
