@@ -180,14 +180,14 @@ register_method(Method("impactx", "IMPACTX", "stage2",
                        STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_SETTINGS,
                        on_stage1=True, needs_maps=True, fit=_fit_impactx, build=_build_impactx,
                        meta=(LEP_META,)))
-register_method(Method("impactx_single", "IMPACTX single-stage", "single_stage",
-                       STAGE1_SETTINGS + EXPLAIN_SETTINGS + SINGLE_STAGE_SETTINGS,
-                       on_stage1=False, needs_maps=False, fit=_fit_single_stage,
-                       build=_build_single_stage, meta=(LEP_META,)))
 register_method(Method("abn", "ABN", "abn", STAGE1_SETTINGS, on_stage1=False, needs_maps=False,
                        fit=_fit_abn, build=_build_abn))
 register_method(Method("wae", "WAE", "wae", STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_BUDGET,
                        on_stage1=True, needs_maps=True, fit=_fit_wae, build=_build_wae))
+register_method(Method("impactx_single", "IMPACTX single-stage", "single_stage",
+                       STAGE1_SETTINGS + EXPLAIN_SETTINGS + SINGLE_STAGE_SETTINGS,
+                       on_stage1=False, needs_maps=False, fit=_fit_single_stage,
+                       build=_build_single_stage, meta=(LEP_META,)))
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ def test_report_of_a_sweep_directory(tmp_path, capsys):
     out = sweep_dir(tmp_path)
     assert main(["report", "--out", str(out)]) == 0
     md = (out / "summary.md").read_text()
-    assert ("| lenet5 | cifar10 | 68.12 | 70.34 | 69.00 | – | 67.96 | 70.65 | 68.49 | 68.10 "
-            "| 32 | 0.0006 | 0.1 | 0.6 |") in md
+    assert ("| lenet5 | cifar10 | 68.12 | 70.34 | 69.00 | – | – | 67.96 | 70.65 | 68.49 | 68.10 "
+            "| – | 32 | 0.0006 | 0.1 | 0.6 |") in md
     assert "| lenet5 | cifar10 | 0.4100 | 0.4500 | 0.2000 | 0.1000 |" in md
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert rows[0]["paper_impactx_test_accuracy"] == str(70.65 / 100)
