@@ -52,11 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--method", nargs="+", choices=tuple(METHODS),
                            help="methods to train besides the baseline (default: impactx)")
+            p.add_argument("--training", choices=("two-stage", "single-stage"),
+                           help="how IMPACTX is trained: two-stage (the paper's; default) or "
+                           "single-stage (M, LEP, D, C together, maps refreshed every "
+                           "--refresh-every epochs): method impactx or impactx_single")
         if name == "evaluate":
             p.add_argument("--morf", action="store_true", help="MoRF curves and AOPC of IMPACTX's "
                            "maps, SHAP maps of IMPACTX, ABN maps (if trained) and random maps")
             p.add_argument("--morf-images", type=positive_int, help="test images for MoRF "
                            "(default 100)")
+            p.add_argument("--replacement", nargs="+", choices=("noise", "blur", "road"),
+                           help="what replaces removed regions in the MoRF/LeRF curves, one or "
+                           "more of noise (the paper's; default), blur, road (ROAD imputation)")
         if name in ("explain", "stage2"):
             p.add_argument("--checkpoint", type=Path, help="stage-1 checkpoint to use instead of "
                            "the run's own")
@@ -72,8 +79,21 @@ def _print_result(result: dict[str, Any], out: Path) -> None:
         if f"{method.name}_test_accuracy" in result:
             print(f"{method.title + ' test accuracy:':<27} "
                   f"{result[f'{method.name}_test_accuracy']:.4f}")
-    for name, score in result.get("morf", {}).get("aopc", {}).items():
+    morf = result.get("morf", {})
+    for name, score in morf.get("aopc", {}).items():
         print(f"{'AOPC ' + name + ':':<27} {score:.4f}")
+    for replacement, methods in morf.get("metrics", {}).items():
+        print(f"{replacement}: method, AOPC (MoRF), AUC MoRF, AUC LeRF, SRG [95% CI]")
+        for name, m in methods.items():
+            print(f"  {name + ':':<20} " + ", ".join(
+                f"{m[k]['mean']:.4f} [{m[k]['ci_low']:.4f}, {m[k]['ci_high']:.4f}]"
+                for k in ("aopc", "auc_morf", "auc_lerf", "srg")))
+    for model, checks in morf.get("sanity", {}).items():
+        cascade = checks["cascading_randomization"]
+        print(f"sanity {model}: beats random "
+              f"{all(v['passed'] for v in checks['random_ranking'].values())}, rank correlation "
+              f"after randomization {cascade['final_rank_correlation']:.3f} "
+              f"({'passed' if cascade['passed'] else 'FAILED'})")
     print(f"results: {out / 'result.json'}")
 
 
@@ -120,7 +140,11 @@ def execute(run: Any, args: argparse.Namespace) -> None:
 
     out: Path = args.out
     if args.command == "run":
-        _print_result(run.run_all(tuple(getattr(args, "method", None) or ("impactx",))), out)
+        methods = tuple(getattr(args, "method", None) or ("impactx",))
+        if getattr(args, "training", "two-stage") == "single-stage":
+            methods = tuple(dict.fromkeys("impactx_single" if m == "impactx" else m
+                                          for m in methods))
+        _print_result(run.run_all(methods), out)
         return
     checkpoint = getattr(args, "checkpoint", None)
     if args.command == "explain":
@@ -136,7 +160,9 @@ def execute(run: Any, args: argparse.Namespace) -> None:
               f"-> {run.dir.checkpoint(method)}")
     elif args.command == "evaluate":
         _print_result(run.evaluate(morf=getattr(args, "morf", False),
-                                   morf_images=getattr(args, "morf_images", 100)), out)
+                                   morf_images=getattr(args, "morf_images", 100),
+                                   replacements=tuple(getattr(args, "replacement", ("noise",)))),
+                      out)
 
 
 def run_command(args: argparse.Namespace) -> None:

@@ -24,6 +24,8 @@ EXPLAIN_SETTINGS = ("max_evals", "masker", "shap_batch_size", "engine")
 # On top of the maps, the stage-2 training budget (IMPACTX, and WAE without λ):
 STAGE2_BUDGET = ("stage2_epochs", "stage2_lr")
 STAGE2_SETTINGS = ("lam", *STAGE2_BUDGET)
+# Single-stage IMPACTX (stage-1 budget, maps recomputed from the current A every E epochs):
+SINGLE_STAGE_SETTINGS = ("lam", "refresh_every")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class RunConfig:
     data_root: str = "./data"
     download: bool = False
     device: str = "auto"              # auto | cpu | cuda | cuda:N
+    refresh_every: int = 1            # single-stage training: each map recomputed every E epochs
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +64,7 @@ class RunConfig:
         _check_int("--max-evals", self.max_evals, minimum=1)
         _check_int("--shap-batch-size", self.shap_batch_size, minimum=1)
         _check_int("--image-size", self.image_size, minimum=8)
+        _check_int("--refresh-every", self.refresh_every, minimum=1)
         if self.input_size is not None:
             _check_int("--input-size", self.input_size, minimum=8)
         # numpy's RandomState (the split, shap's tie-breaks) takes seeds in [0, 2**32)

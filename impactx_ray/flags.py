@@ -58,6 +58,8 @@ CONFIG_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--input-size", "input_size", int, "model input size for timm backbones (default: timm's)"),
     ("--data-root", "data_root", str, "where datasets live (default ./data)"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
+    ("--refresh-every", "refresh_every", int, "single-stage training: recompute each image's "
+     "map every E epochs (1/E of them after each epoch)"),
 ]
 CONFIG_FIELDS = frozenset(dest for _, dest, _, _ in CONFIG_FLAGS) | {"download"}
 

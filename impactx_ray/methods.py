@@ -3,6 +3,8 @@
     method    trains                                checkpoint depends on              needs
     baseline  A = Q∘M (stage 1)                     STAGE1_SETTINGS                    the data
     impactx   LEP, D, C around the frozen M         + EXPLAIN_ + STAGE2_SETTINGS        stage-1 model, maps
+    impactx_single  M, LEP, D, C together, maps     + EXPLAIN_ + SINGLE_STAGE_SETTINGS  the data (maps made
+                    refreshed every E epochs                                          as it trains)
     abn       an attention branch on the backbone   STAGE1_SETTINGS                    the data
     wae       explanation encoder, C around M       + EXPLAIN_SETTINGS + STAGE2_BUDGET  stage-1 model, maps
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from impactx_ray.config import EXPLAIN_SETTINGS, STAGE1_SETTINGS, STAGE2_BUDGET, STAGE2_SETTINGS, RunConfig
+from impactx_ray.config import SINGLE_STAGE_SETTINGS
 from impactx_ray.data import ImageData
 from impactx_ray.errors import UserError
 from impactx_ray.io import file_sha256
@@ -78,6 +81,7 @@ class Method:
     needs_maps: bool                  # trained on the stage-1 model's SHAP maps
     fit: Callable[[TrainInputs, Backbone | None], StageResult]
     build: Callable[[ModelSpec, dict[str, Any]], nn.Module]  # untrained, shaped as the meta says
+    meta: tuple[tuple[str, Any], ...] = ()  # fixed facts its checkpoints record (how to build them)
 
     def epochs(self, cfg: RunConfig) -> int:
         return cfg.epochs2 if self.on_stage1 else cfg.epochs
@@ -126,13 +130,37 @@ def _fit_wae(i: TrainInputs, m: Backbone) -> StageResult:
                         on_state=i.on_state)
 
 
+def _fit_single_stage(i: TrainInputs, _: None) -> StageResult:
+    from impactx_ray.explain import ExplainSettings, explain_true_class
+    from impactx_ray.train.single_stage import train_single_stage
+
+    kwargs = ExplainSettings.from_config(i.cfg).explainer_kwargs(i.data.image_size)
+
+    def maps_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        return explain_true_class(model, x, y, progress=False, **kwargs)
+
+    return train_single_stage(i.cfg, i.data, i.train_idx, i.val_idx, maps_of, device=i.device,
+                              on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
+                              on_state=i.on_state)
+
+
 def _build_baseline(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
     return spec.backbone()
 
 
+# Checkpoints of IMPACTX record the LEP they hold; those without it kept LeNet-5's FC120 → FC84.
+LEP_META = ("lep", "fc-layers-replaced")
+
+
 def _build_impactx(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
     return ImpactX.from_backbone(spec.backbone(), image_size=tuple(meta["image_size"]),
-                                 channels=meta["channels"])
+                                 channels=meta["channels"],
+                                 lep_keeps_fc=meta.get(LEP_META[0]) != LEP_META[1])
+
+
+def _build_single_stage(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
+    return ImpactX.from_backbone(spec.backbone(), image_size=tuple(meta["image_size"]),
+                                 channels=meta["channels"], freeze=False)
 
 
 def _build_abn(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
@@ -150,11 +178,16 @@ BASELINE = register_method(Method("baseline", "baseline (A)", "stage1", STAGE1_S
                                   build=_build_baseline))
 register_method(Method("impactx", "IMPACTX", "stage2",
                        STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_SETTINGS,
-                       on_stage1=True, needs_maps=True, fit=_fit_impactx, build=_build_impactx))
+                       on_stage1=True, needs_maps=True, fit=_fit_impactx, build=_build_impactx,
+                       meta=(LEP_META,)))
 register_method(Method("abn", "ABN", "abn", STAGE1_SETTINGS, on_stage1=False, needs_maps=False,
                        fit=_fit_abn, build=_build_abn))
 register_method(Method("wae", "WAE", "wae", STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_BUDGET,
                        on_stage1=True, needs_maps=True, fit=_fit_wae, build=_build_wae))
+register_method(Method("impactx_single", "IMPACTX single-stage", "single_stage",
+                       STAGE1_SETTINGS + EXPLAIN_SETTINGS + SINGLE_STAGE_SETTINGS,
+                       on_stage1=False, needs_maps=False, fit=_fit_single_stage,
+                       build=_build_single_stage, meta=(LEP_META,)))
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -168,7 +201,7 @@ def checkpoint_meta(method: Method, cfg: RunConfig, data: ImageData, *,
     meta: dict[str, Any] = {"kind": method.name, "model": cfg.model,
                             "num_classes": data.num_classes, "image_size": list(data.image_size),
                             "channels": int(data.images.shape[1]),
-                            "config": cfg.subset(method.settings)}
+                            "config": cfg.subset(method.settings), **dict(method.meta)}
     if stage1_hash is not None:
         meta["stage1_hash"] = stage1_hash
     if result is not None:

@@ -202,7 +202,8 @@ class Run:
         return self.evaluate()
 
     # -- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, morf: bool = False, morf_images: int = 100) -> dict[str, Any]:
+    def evaluate(self, morf: bool = False, morf_images: int = 100,
+                 replacements: tuple[str, ...] = ("noise",)) -> dict[str, Any]:
         """Test accuracy of every method trained here; MoRF/AOPC and figures with ``morf``."""
         train, test = self.data
         self.check_compatible(tuple(METHODS.values()),
@@ -228,7 +229,7 @@ class Run:
             seconds[method.name] = meta["seconds"]
         previous = read_json(self.dir.result) if self.dir.result.exists() else {}
         if morf:
-            result["morf"] = self._morf(models, test, morf_images)
+            result["morf"] = self._morf(models, test, morf_images, replacements)
         elif "morf" in previous:  # keep an earlier MoRF evaluation in the result
             result["morf"] = previous["morf"]
         result["timings_s"] = self.dir.record_timings(**seconds)
@@ -245,7 +246,8 @@ class Run:
             return
         self.check_maps(store)
 
-    def _morf(self, models: dict[str, torch.nn.Module], test: ImageData, n: int) -> dict[str, Any]:
+    def _morf(self, models: dict[str, torch.nn.Module], test: ImageData, n: int,
+              replacements: tuple[str, ...] = ("noise",)) -> dict[str, Any]:
         from impactx_ray.eval.compare import morf_comparison, write_morf
 
         if "impactx" not in models:
@@ -253,7 +255,8 @@ class Run:
                             "does not exist")
         curves, maps, x, y = morf_comparison(models["impactx"], test, self.settings,
                                              abn=models.get("abn"), n=n, seed=self.cfg.seed,
-                                             device=self.device, progress=self.progress)
+                                             device=self.device, progress=self.progress,
+                                             replacements=replacements)
         return write_morf(self.dir.morf, curves, maps, x, y, test.classes)
 
     def say(self, msg: str) -> None:

@@ -24,7 +24,7 @@ ALLOWED = {
     "train": BASE | {"data", "models", "config"},
     "explain": BASE | {"data", "config"},
     "eval": BASE | {"data", "models", "config", "explain"},
-    "methods": BASE | {"data", "models", "config", "train"},
+    "methods": BASE | {"data", "models", "config", "train", "explain"},
     "checks": BASE | {"data", "config", "train", "explain"},
     "rundir": BASE | {"config", "methods", "train"},
     "runner": BASE | {"data", "config", "explain", "eval", "methods", "rundir", "train", "checks"},

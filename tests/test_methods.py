@@ -22,9 +22,10 @@ def small(digits):
 
 
 def test_the_table():
-    assert list(METHODS) == ["baseline", "impactx", "abn", "wae"]
-    assert [m.directory for m in METHODS.values()] == ["stage1", "stage2", "abn", "wae"]
-    assert [m.needs_maps for m in METHODS.values()] == [False, True, False, True]
+    assert list(METHODS) == ["baseline", "impactx", "abn", "wae", "impactx_single"]
+    assert [m.directory for m in METHODS.values()] == ["stage1", "stage2", "abn", "wae",
+                                                       "single_stage"]
+    assert [m.needs_maps for m in METHODS.values()] == [False, True, False, True, False]
     assert METHODS["abn"].settings == BASELINE.settings == STAGE1_SETTINGS
     assert "lam" in METHODS["impactx"].settings and "lam" not in METHODS["wae"].settings
     assert "max_evals" in METHODS["wae"].settings and "max_evals" not in METHODS["abn"].settings

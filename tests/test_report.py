@@ -32,8 +32,8 @@ def test_report_of_a_sweep_directory(tmp_path, capsys):
     out = sweep_dir(tmp_path)
     assert main(["report", "--out", str(out)]) == 0
     md = (out / "summary.md").read_text()
-    assert ("| lenet5 | cifar10 | 68.12 | 70.34 | 69.00 | – | 67.96 | 70.65 | 68.49 | 68.10 "
-            "| 32 | 0.0006 | 0.1 | 0.6 |") in md
+    assert ("| lenet5 | cifar10 | 68.12 | 70.34 | 69.00 | – | – | 67.96 | 70.65 | 68.49 | 68.10 "
+            "| – | 32 | 0.0006 | 0.1 | 0.6 |") in md
     assert "| lenet5 | cifar10 | 0.4100 | 0.4500 | 0.2000 | 0.1000 |" in md
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert rows[0]["paper_impactx_test_accuracy"] == str(70.65 / 100)
@@ -58,7 +58,8 @@ def test_run_all_methods_then_morf_and_report(tmp_path, capsys):
         assert 0 <= result[f"{method}_test_accuracy"] <= 1
     assert main(["evaluate", "--out", str(out), "--morf", "--morf-images", "8", "--quiet"]) == 0
     morf = json.loads((out / "result.json").read_text())["morf"]
-    assert set(morf["aopc"]) == {"IMPACTX", "SHAP of IMPACTX", "ABN", "random"}
+    assert set(morf["aopc"]) == {"IMPACTX", "SHAP of IMPACTX", "random", "ABN", "SHAP of ABN",
+                                 "random (ABN)"}
     assert (out / "morf" / "examples.png").exists() and (out / "morf" / "morf_mean.png").exists()
     assert main(["report", "--out", str(out)]) == 0
     assert "| lenet5 | digits |" in (out / "summary.md").read_text()

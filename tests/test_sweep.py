@@ -102,7 +102,8 @@ def test_summary_files(tmp_path):
              "impactx_test_accuracy": 0.9583, "batch_size": 32, "lr": 0.0026,
              "val_fraction": 0.1, "lam": 1.0, "stage1_failed": 0, "stage2_failed": 1}]
     md, csv_path = write_summary(tmp_path, rows)
-    assert "| lenet5 | digits | 95.00 | 95.83 | – | – | – | – | – | – | 32 | 0.0026 | 0.1 | 1.0 |" \
+    assert ("| lenet5 | digits | 95.00 | 95.83 | – | – | – | – | – | – | – | – | 32 | 0.0026 "
+            "| 0.1 | 1.0 |") \
         in md.read_text()
     assert list(csv.DictReader(open(csv_path)))[0]["impactx_test_accuracy"] == "0.9583"
     assert summary_markdown(rows) == md.read_text()

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from impactx_ray.eval.road import Replacement, check_replacement, draw_fill
+
 ArrayLike = np.ndarray | Tensor
 
 
@@ -100,30 +102,43 @@ def _perturb(x: Tensor, ranks: Tensor, noise: Tensor, k: int) -> Tensor:
 
 
 def perturbed_images(images: ArrayLike, maps: ArrayLike, k: int, *, region: int | None = None,
-                     seed: int = 0) -> Tensor:
-    """The images after MoRF step k (top-k regions replaced), exactly as ``morf_curve`` builds them."""
+                     seed: int = 0, order: str = "morf", replacement: str = "noise") -> Tensor:
+    """The images after step k (top-k regions replaced), exactly as ``morf_curve`` builds them."""
     x = _images(images)
     region = region or default_region(x.shape[-2:])
     ranks = region_ranks(relevance(maps, x.shape), region)
-    return _perturb(_float(x), ranks, noise_images(x, seed), k)
+    if order == "lerf":
+        ranks = ranks.flatten(1).amax(dim=1).view(-1, 1, 1) - ranks
+    lo, hi = _float(x.min().view(1)).item(), _float(x.max().view(1)).item()
+    xf = _float(x)
+    draw = draw_fill(replacement, torch.Generator().manual_seed(int(seed)), xf, lo, hi)
+    return Replacement(replacement, xf, draw, region, lo, hi)(xf, ranks < k)
+
+
+ORDERS = ("morf", "lerf")
 
 
 @torch.no_grad()
 def morf_curve(model: Callable[[Tensor], Tensor], images: ArrayLike, labels: ArrayLike, maps: ArrayLike, *,
                region: int | None = None, steps: int | None = None, seed: int = 0,
-               batch_size: int = 256) -> np.ndarray:
+               batch_size: int = 256, order: str = "morf", replacement: str = "noise") -> np.ndarray:
     """True-class softmax score after 0…S MoRF steps: N×(S+1) float32 (see the module docstring).
 
     ``model`` returns N×K logits; an ``nn.Module`` is run in eval mode (its mode is restored) on
     the device of its parameters. ``region=None`` takes
     ``default_region`` (4 at 32×32); ``steps=None`` replaces every region. ``images`` are what
     the model takes (float in [0, 1]) or uint8 0-255, converted per batch like ImageData does.
+    ``order="lerf"`` replaces the least relevant regions first (the exact reverse of the MoRF
+    order); ``replacement`` is ``noise`` (the paper's), ``blur`` or ``road`` (``eval/road.py``).
     """
     x_all = _images(images)
     n, _, h, w = x_all.shape
     y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
     if len(y_all) != n or len(maps) != n:
         raise ValueError(f"{n} images, {len(y_all)} labels and {len(maps)} maps: give one of each per sample")
+    if order not in ORDERS:
+        raise ValueError(f"order must be morf or lerf, got {order!r}")
+    check_replacement(replacement)
     region = region or default_region((h, w))
     if isinstance(region, bool) or not isinstance(region, int) or region < 1:
         raise ValueError(f"region must be a positive number of pixels, got {region!r}")
@@ -144,11 +159,14 @@ def morf_curve(model: Callable[[Tensor], Tensor], images: ArrayLike, labels: Arr
         for start in range(0, n, batch_size):  # maps are read a batch at a time (memmaps stay on disk)
             x = _float(x_all[start:start + batch_size])
             ranks = region_ranks(relevance(maps[start:start + batch_size], x.shape), region)
-            noise = _draw_noise(g, len(x), x.shape[1:], lo, hi)  # continues noise_images' stream
-            x, noise, ranks = x.to(device), noise.to(device), ranks.to(device)
+            if order == "lerf":
+                ranks = total - 1 - ranks  # least relevant region first
+            draw = draw_fill(replacement, g, x, lo, hi)  # noise: continues noise_images' stream
+            x, ranks = x.to(device), ranks.to(device)
+            replace = Replacement(replacement, x, draw, region, lo, hi)
             y = y_all[start:start + batch_size].to(device)
             for k in range(steps + 1):
-                p = torch.softmax(model(_perturb(x, ranks, noise, k)).float(), dim=1)
+                p = torch.softmax(model(replace(x, ranks < k)).float(), dim=1)
                 curves[start:start + len(x), k] = p.gather(1, y[:, None]).squeeze(1).cpu().numpy()
     finally:
         if module is not None:
@@ -167,3 +185,41 @@ def aopc(curves: ArrayLike) -> float:
 def random_maps(shape: Sequence[int], seed: int = 0) -> np.ndarray:
     """Uniform random maps (float32) of ``shape``: the random-ranking baseline for MoRF."""
     return np.random.default_rng(seed).random(tuple(shape), dtype=np.float32)
+
+
+# -- per image and with confidence intervals (LeRF, SRG; Blücher et al., TMLR 2024) ---------------
+def aopc_per_image(curves: ArrayLike) -> np.ndarray:
+    """Each image's AOPC, mean over k ≥ 1 of f(x) − f(x_k): N×(S+1) -> N (their mean is ``aopc``)."""
+    c = np.asarray(curves, dtype=np.float64)
+    if c.ndim != 2 or c.shape[1] < 2:
+        raise ValueError(f"curves must be N×(S+1) with S >= 1, got shape {c.shape}")
+    return (c[:, :1] - c[:, 1:]).mean(axis=1)
+
+
+def auc_per_image(curves: ArrayLike) -> np.ndarray:
+    """Each curve's area on x = k/S ∈ [0, 1] by the trapezoidal rule: N×(S+1) -> N."""
+    c = np.asarray(curves, dtype=np.float64)
+    if c.ndim != 2 or c.shape[1] < 2:
+        raise ValueError(f"curves must be N×(S+1) with S >= 1, got shape {c.shape}")
+    return (c[:, 1:] + c[:, :-1]).sum(axis=1) / (2 * (c.shape[1] - 1))
+
+
+def srg_per_image(morf: ArrayLike, lerf: ArrayLike) -> np.ndarray:
+    """Symmetric relevance gain per image, AUC(LeRF) − AUC(MoRF): large when the map's most
+    relevant regions destroy the score and its least relevant ones keep it."""
+    return auc_per_image(lerf) - auc_per_image(morf)
+
+
+def mean_ci(values: ArrayLike, level: float = 0.95) -> dict[str, float]:
+    """Mean over images with its Student-t confidence interval (``ci_low``, ``ci_high``; equal to
+    the mean for one image), and ``n``."""
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(v) == 0:
+        raise ValueError("mean_ci needs at least one value")
+    mean = float(v.mean())
+    half = 0.0
+    if len(v) > 1:
+        half = float(t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": int(len(v))}

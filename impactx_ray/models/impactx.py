@@ -77,15 +77,17 @@ class ImpactX(nn.Module):
 
     @classmethod
     def from_backbone(
-        cls, backbone: Backbone, image_size: int | tuple[int, int], channels: int = 3, freeze: bool = True
+        cls, backbone: Backbone, image_size: int | tuple[int, int], channels: int = 3, freeze: bool = True,
+        lep_keeps_fc: bool = False,
     ) -> "ImpactX":
         """IMPACTX around a trained backbone: LEP copies it (see LEP.from_backbone), D fits image_size.
 
         ``freeze=True`` (the paper's two-stage training) freezes M; pass False for single-stage training.
+        ``lep_keeps_fc`` builds the LEP of checkpoints from before the paper's LEP (see ``lep.py``).
         """
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
-        lep = LEP.from_backbone(backbone)
+        lep = LEP.from_backbone(backbone, keep_fc=lep_keeps_fc)
         model = cls(backbone, lep, Decoder(channels, image_size, latent_dim=lep.latent_dim))
         if freeze:
             model.freeze_backbone()

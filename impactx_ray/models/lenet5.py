@@ -53,6 +53,12 @@ class LeNet5(Backbone):
         self.head = nn.Identity()
         self.num_classes = 0
 
+    def remove_fc_layers(self) -> None:
+        """The conv trunk only: forward_features gives the flattened 16×5×5 map (400-d)."""
+        self.remove_head()
+        self.fc = nn.Identity()
+        self.num_features = 16 * 5 * 5
+
 
 def _load_lenet_weights(model: LeNet5, path: Path) -> None:
     """Load a state dict saved from a lenet5 backbone (``torch.save(backbone.state_dict(), path)``).

@@ -81,6 +81,12 @@ class Backbone(nn.Module):
         """Replace the final FC by the identity (used by LEP, which puts its own FC-512 there)."""
         raise NotImplementedError
 
+    def remove_fc_layers(self) -> None:
+        """Drop every fully-connected layer after the last spatial features (paper §4.3: the
+        LEP replaces "the last fully-connected layers" by FC-512). Default: the classifier head,
+        all the FC there is in the timm models; LeNet-5 also drops FC120 and FC84."""
+        self.remove_head()
+
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 

@@ -18,6 +18,7 @@ from impactx_ray.eval.compare import PAPER_TABLE2
 from impactx_ray.methods import METHODS
 
 HYPER = ("batch_size", "lr", "val_fraction", "lam")
+NESTED = ("metrics", "sanity")  # morf.json's per-replacement measures and sanity checks
 
 
 def _pct(value: Any) -> str:
@@ -41,6 +42,7 @@ def _row_from_result(result: dict[str, Any]) -> dict[str, Any]:
     row.update({k: v for k, v in result.items() if k.endswith("_accuracy")})
     if "morf" in result:
         row["aopc"] = result["morf"]["aopc"]
+        row.update({k: result["morf"][k] for k in NESTED if k in result["morf"]})
     return row
 
 
@@ -86,7 +88,36 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         for r in with_morf:
             vals = [f"{r['aopc'][m]:.4f}" if m in r["aopc"] else "–" for m in methods]
             lines.append(f"| {r['model']} | {r['dataset']} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _beyond_morf(rows)) + "\n"
+
+
+def _ci(m: dict[str, float]) -> str:
+    return f"{m['mean']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]"
+
+
+def _beyond_morf(rows: list[dict[str, Any]]) -> list[str]:
+    """LeRF/SRG with 95% CIs per replacement, and the sanity checks, of rows that have them."""
+    lines: list[str] = []
+    for r in (r for r in rows if r.get("metrics")):
+        lines += ["", f"## {r['model']} on {r['dataset']}: MoRF, LeRF and SRG [95% CI over images]",
+                  "", "| replacement | method | AOPC (MoRF) | AUC MoRF | AUC LeRF | SRG |",
+                  "|---|---|---|---|---|---|"]
+        for rep, methods in r["metrics"].items():
+            for name, m in methods.items():
+                lines.append(f"| {rep} | {name} | " + " | ".join(
+                    _ci(m[k]) for k in ("aopc", "auc_morf", "auc_lerf", "srg")) + " |")
+    for r in (r for r in rows if r.get("sanity")):
+        lines += ["", f"## {r['model']} on {r['dataset']}: sanity checks", "",
+                  "| model | AOPC − random [95% CI] | beats random | rank corr. after "
+                  "cascading randomization | changes with the weights |", "|---|---|---|---|---|"]
+        for model, checks in r["sanity"].items():
+            for rep, v in checks["random_ranking"].items():
+                cascade = checks["cascading_randomization"]
+                lines.append(f"| {model} ({rep}) | {_ci(v['aopc_minus_random'])} | "
+                             f"{'yes' if v['passed'] else 'NO'} | "
+                             f"{cascade['final_rank_correlation']:.3f} | "
+                             f"{'yes' if cascade['passed'] else 'NO'} |")
+    return lines
 
 
 def write_summary(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -97,7 +128,7 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     flat = []
     for r in rows:
         paper = PAPER_TABLE2.get((r.get("dataset"), r.get("model")), {})
-        flat.append({**{k: v for k, v in r.items() if k != "aopc"},
+        flat.append({**{k: v for k, v in r.items() if k not in ("aopc", *NESTED)},
                      **{f"aopc_{m}": v for m, v in (r.get("aopc") or {}).items()},
                      **{f"paper_{m}_test_accuracy": paper[m] / 100 for m in paper}})
     keys = list(dict.fromkeys(k for r in flat for k in r))
