@@ -97,8 +97,10 @@ class RunDir:
         return built_on is not None and (not stage1.exists() or built_on != file_sha256(stage1))
 
     def holds(self, method: Method, cfg: RunConfig) -> bool:
-        """Whether the method's checkpoint here was made with ``cfg`` (its settings) and, for the
-        methods on the stage-1 model, from the stage-1 checkpoint here."""
+        """Whether the method's checkpoint here was made with ``cfg`` (its settings), is the model
+        the method builds now (its fixed ``meta`` facts: an IMPACTX checkpoint from before the
+        paper's LeNet-5 LEP is not) and, for the methods on the stage-1 model, was made from the
+        stage-1 checkpoint here."""
         path = self.checkpoint(method)
         if not path.exists():
             return False
@@ -106,5 +108,7 @@ class RunDir:
         stage1 = self.checkpoint(BASELINE)
         if "stage1_hash" in meta and (not stage1.exists() or
                                       meta["stage1_hash"] != file_sha256(stage1)):
+            return False
+        if any(meta.get(k) != v for k, v in method.meta):
             return False
         return meta.get("config") == cfg.subset(method.settings)

@@ -250,14 +250,21 @@ class Run:
               replacements: tuple[str, ...] = ("noise",)) -> dict[str, Any]:
         from impactx_ray.eval.compare import morf_comparison, write_morf
 
-        if "impactx" not in models:
-            raise UserError(f"--morf needs IMPACTX: {self.dir.checkpoint(METHODS['impactx'])} "
-                            "does not exist")
-        curves, maps, x, y = morf_comparison(models["impactx"], test, self.settings,
+        # the paper's two-stage IMPACTX; a run trained only single-stage is compared with that
+        name = next((m for m in ("impactx", "impactx_single") if m in models), None)
+        if name is None:
+            raise UserError(f"--morf needs IMPACTX: neither {self.dir.checkpoint(METHODS['impactx'])}"
+                            f" nor {self.dir.checkpoint(METHODS['impactx_single'])} exists")
+        if name != "impactx":
+            self.say(f"MoRF: comparing {METHODS[name].title} (no two-stage IMPACTX here)")
+        curves, maps, x, y = morf_comparison(models[name], test, self.settings,
                                              abn=models.get("abn"), n=n, seed=self.cfg.seed,
                                              device=self.device, progress=self.progress,
                                              replacements=replacements)
-        return write_morf(self.dir.morf, curves, maps, x, y, test.classes)
+        summary = {"impactx_method": name,
+                   **write_morf(self.dir.morf, curves, maps, x, y, test.classes)}
+        write_json(self.dir.morf / "morf.json", summary, sort_keys=False)  # says which IMPACTX
+        return summary
 
     def say(self, msg: str) -> None:
         if self.progress:

@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 
 from impactx_ray.errors import UserError
+from impactx_ray.eval.road import REPLACEMENTS
 from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides, positive_int
 from impactx_ray.sweep.search import SCHEDULERS, SEARCHES, SearchSpec, budget
-from impactx_ray.sweep.spaces import (PAPER_DATASETS, PAPER_MODELS, STAGE1_SEARCHED,
+from impactx_ray.sweep.spaces import (COMPARABLE_METHODS, COMPARISON_METHODS, DEFAULT_REPLACEMENTS,
+                                      PAPER_DATASETS, PAPER_MODELS, STAGE1_SEARCHED,
                                       STAGE2_SEARCHED, cells, plan)
 
 SMOKE = {"models": ["lenet5"], "datasets": ["digits"], "epochs": 3, "max_evals": 100,
@@ -72,6 +74,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "failed (the sweep always goes on without them)")
     p.add_argument("--morf-images", type=int, help="test images for the MoRF comparison "
                    "(default 200; smoke 50; 0 skips it)")
+    p.add_argument("--replacement", nargs="+", choices=REPLACEMENTS,
+                   default=list(DEFAULT_REPLACEMENTS), help="what replaces removed regions in "
+                   "the MoRF/LeRF curves: noise (the paper's; default), blur, road (ROAD's noisy "
+                   "linear imputation); several give a comparison each")
+    p.add_argument("--comparison", nargs="+", choices=tuple(COMPARABLE_METHODS),
+                   default=list(COMPARISON_METHODS), help="methods trained once on the stage-1 "
+                   "winner's hyperparameters (default: abn wae, the paper's); impactx_single adds "
+                   "single-stage IMPACTX with stage 2's λ, which recomputes the maps of 1/E of "
+                   "the training set after every epoch (--refresh-every E)")
     # Every other RunConfig flag, defined once with `impactx`'s (defaults: 30 epochs, 2000
     # evaluations; --smoke: 3 and 100).
     add_config_flags(p, exclude=NOT_FLAGS)
@@ -124,12 +135,14 @@ def dry_run(args: argparse.Namespace, cell_list: list) -> int:
     spec: SearchSpec = args.search_spec
     small = args.smoke and spec.search == "grid"
     if spec.search == "grid":
-        print("\n".join(plan(cell_list, args.smoke, args.stage2_space == "full")))
+        print("\n".join(plan(cell_list, args.smoke, args.stage2_space == "full",
+                             comparison=tuple(args.comparison))))
     else:
         print(f"{len(cell_list)} cells; Optuna samples Table 1's values")
         print("\n".join(f"  {c.name}: model={c.model} dataset={c.dataset}" for c in cell_list))
     print("\n".join(budget(cell_list, spec, small=small, full_stage2=args.stage2_space == "full",
-                           epochs=args.trial_epochs, stage2_epochs=args.trial_epochs2)))
+                           epochs=args.trial_epochs, stage2_epochs=args.trial_epochs2,
+                           comparison=tuple(args.comparison))))
     root = getattr(args, "data_root", "./data")
     missing = 0
     for name in dict.fromkeys(c.dataset for c in cell_list):
@@ -158,7 +171,8 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
         args.out, cell_list, smoke=args.smoke, full_stage2=args.stage2_space == "full",
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial or 0.0,
         map_workers=args.map_workers, max_failures=args.max_failures, morf_images=morf_images,
-        name=args.name, restart=args.restart, search=args.search_spec, **base)
+        name=args.name, restart=args.restart, search=args.search_spec,
+        replacements=tuple(args.replacement), comparison=tuple(args.comparison), **base)
     from impactx_ray.data import load_dataset
 
     for name in dict.fromkeys(c.dataset for c in cell_list):  # missing data: fail before Ray

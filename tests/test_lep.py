@@ -5,8 +5,10 @@ import torch
 
 from impactx_ray.config import RunConfig
 from impactx_ray.data import load_dataset
+from impactx_ray.io import file_sha256
 from impactx_ray.methods import METHODS, ModelSpec, checkpoint_meta, load_model
 from impactx_ray.models import LEP, ImpactX, create_backbone
+from impactx_ray.rundir import RunDir
 from impactx_ray.train.checkpoint import save_checkpoint
 
 
@@ -45,3 +47,22 @@ def test_checkpoints_record_the_lep_and_old_ones_still_load(tmp_path):
     assert loaded_old.lep.fc.in_features == 84
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(loaded_old.eval()(x), old.eval()(x))
+
+
+def test_a_run_retrains_an_impactx_checkpoint_from_before_the_papers_lep(tmp_path):
+    """``impactx run`` reuses a checkpoint only if it is the model the method builds now."""
+    train, _ = load_dataset("digits")
+    cfg = RunConfig()
+    run = RunDir(tmp_path)
+    impactx = METHODS["impactx"]
+    stage1 = run.checkpoint(METHODS["baseline"])
+    save_checkpoint(stage1, create_backbone("lenet5", 10).state_dict(),
+                    checkpoint_meta(METHODS["baseline"], cfg, train))
+    meta = {**checkpoint_meta(impactx, cfg, train, stage1_hash=file_sha256(stage1)),
+            "val_accuracy": 0.5}
+    model = ImpactX.from_backbone(create_backbone("lenet5", 10), 32)
+    save_checkpoint(run.checkpoint(impactx), model.state_dict(), meta)
+    assert run.holds(impactx, cfg)
+    old_meta = {k: v for k, v in meta.items() if k != "lep"}  # written before the paper's LEP
+    save_checkpoint(run.checkpoint(impactx), model.state_dict(), old_meta)
+    assert not run.holds(impactx, cfg)

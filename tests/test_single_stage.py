@@ -103,3 +103,9 @@ def test_run_single_stage_on_digits_reports_both_accuracies(tmp_path, capsys):
     assert [r["maps_refreshed"] for r in history] == [719, 0]  # 1437 digits, every 2nd after epoch 1
     printed = capsys.readouterr().out
     assert "IMPACTX single-stage test accuracy" in printed and "baseline (A) test accuracy" in printed
+    # no two-stage IMPACTX here: MoRF compares the single-stage one, and says so
+    assert main(["evaluate", "--morf", "--morf-images", "8", "--out", str(out), "--quiet"]) == 0
+    morf = json.loads((out / "morf" / "morf.json").read_text())
+    assert morf["impactx_method"] == "impactx_single"
+    assert {"IMPACTX", "SHAP of IMPACTX", "random"} <= set(morf["aopc"])
+    assert json.loads((out / "result.json").read_text())["morf"]["impactx_method"] == "impactx_single"

@@ -68,6 +68,39 @@ def test_dry_run_counts_without_starting_ray():
         "total: 2 stage-1 + 2 stage-2 + 2 comparison = 6 trials"
 
 
+def test_comparison_methods_and_replacements_are_checked_counted_and_recorded(tmp_path):
+    """--comparison adds single-stage IMPACTX to the comparison stage and --replacement the MoRF
+    replacements; both are checked before Ray, counted by --dry-run, and part of the sweep's
+    identity only when not the defaults (sweeps from before them still resume)."""
+    from impactx_ray.errors import UserError
+    from impactx_ray.methods import METHODS
+    from impactx_ray.sweep.pipeline import options_from
+    from impactx_ray.sweep.spaces import COMPARABLE_METHODS
+
+    assert all(METHODS[m].title == title for m, title in COMPARABLE_METHODS.items())
+    cell = cells(("lenet5",), ("digits",))
+    assert plan(cell, smoke=True, comparison=("abn", "wae", "impactx_single"))[0] == (
+        "1 cells; per cell: 2 stage-1 + 2 stage-2 + 3 comparison (ABN, WAE, IMPACTX single-stage)"
+        " trials = 7")
+    default = options_from(tmp_path, cell)
+    assert "comparison" not in default.settings() and "replacements" not in default.settings()
+    asked = options_from(tmp_path, cell, comparison=("abn", "impactx_single", "abn"),
+                         replacements=("road", "noise"))
+    assert asked.comparison == ("abn", "impactx_single")
+    assert asked.settings()["comparison"] == ["abn", "impactx_single"]
+    assert asked.settings()["replacements"] == ["road", "noise"]
+    for kw, message in (({"comparison": ("abn", "impactx")}, "--comparison: unknown 'impactx'"),
+                        ({"replacements": ("zeros",)}, "--replacement: unknown 'zeros'"),
+                        ({"replacements": ()}, "--replacement needs at least one")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            options_from(tmp_path, cell, **kw)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--smoke", "--comparison",
+                           "abn", "wae", "impactx_single"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "comparison: grid, 3 trials × 3 epochs = at most 9 trial-epochs" in proc.stdout
+
+
 def test_dry_run_rejects_unknown_names():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--models", "resnet_nope"],
                           capture_output=True, text=True, timeout=120)
@@ -239,7 +272,8 @@ def test_ray_job_submit_with_token_auth_logs_to_an_mlflow_server(tmp_path):
             [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
              cluster.dashboard, "--working-dir", ".", "--runtime-env-json",
              json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}), "--", "python",
-             "sweeps/full_grid.py", *FAST_SMOKE, "--out", str(out)],
+             "sweeps/full_grid.py", *FAST_SMOKE, "--comparison", "abn", "wae", "impactx_single",
+             "--refresh-every", "3", "--out", str(out)],
             cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=900)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout and (out / "summary.md").exists()
@@ -256,9 +290,18 @@ def test_ray_job_submit_with_token_auth_logs_to_an_mlflow_server(tmp_path):
     key = {r.info.run_id: _unprefixed(r.data.tags["impactx.key"]) for r in runs}
     parent = {key[r.info.run_id]: key.get(r.data.tags.get("mlflow.parentRunId")) for r in runs}
     trials = [r for r in runs if key[r.info.run_id].count("/") == 2]
-    assert len(trials) == 6  # 2 stage-1, 2 stage-2, ABN and WAE
+    assert len(trials) == 7  # 2 stage-1, 2 stage-2, ABN, WAE and single-stage IMPACTX
     assert all(r.info.status == "FINISHED" and "best_val_accuracy" in r.data.metrics
                for r in trials)
+    single = next(r for r in trials if r.data.tags["impactx.method"] == "impactx_single")
+    assert single.data.params["refresh_every"] == "3" and "lam" in single.data.params
+    cell = next(r for r in runs if key[r.info.run_id] == "lenet5-digits")
+    # the comparison's measures with their CIs, and the sanity checks, on the cell's run
+    for name in ("morf.noise.IMPACTX.srg", "morf.noise.SHAP_of_ABN.aopc_ci_low",
+                 "sanity.IMPACTX.randomization_rank_correlation", "impactx_single_test_accuracy"):
+        assert name in cell.data.metrics, name
+    summary = (out / "summary.md").read_text()
+    assert "MoRF, LeRF and SRG [95% CI over images]" in summary and "sanity checks" in summary
     for r in trials:  # trial → stage → cell → sweep
         stage = parent[key[r.info.run_id]]
         assert stage == key[r.info.run_id].rsplit("/", 1)[0]

@@ -1,6 +1,7 @@
 """The paper's experiment on Ray Tune: per (model, dataset) cell, the Table 1 grid for stage 1,
-SHAP maps of the winner over Ray workers, the λ grid for stage 2, ABN and WAE with the stage-1
-winner's hyperparameters, test accuracies of the winners and MoRF curves of the maps.
+SHAP maps of the winner over Ray workers, the λ grid for stage 2, ABN and WAE (and, when asked,
+single-stage IMPACTX) with the stage-1 winner's hyperparameters, test accuracies of the winners and
+the MoRF/LeRF comparison of the maps with its sanity checks.
 
 Layout of ``<out>``: ``tune/<cell>-{stage1,stage2,comparison}/`` (Tune experiments, restorable),
 ``cells/<cell>/maps/<key>/`` (the winner's map store), ``cells/<cell>/{result.json,morf/}``, ``mlflow.db`` (embedded tracking, unless
@@ -25,6 +26,7 @@ from impactx_ray.checks import winner_warnings
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, load_dataset
 from impactx_ray.errors import UserError
+from impactx_ray.eval.road import REPLACEMENTS
 from impactx_ray.explain import ExplainSettings
 from impactx_ray.io import file_sha256, write_json
 from impactx_ray.lock import hold
@@ -33,8 +35,9 @@ from impactx_ray.sweep.identity import SweepIdentity, claim
 from impactx_ray.sweep.progress import StageProgress
 from impactx_ray.sweep.report import write_summary
 from impactx_ray.sweep.search import SearchSpec, stopped_early, tune_plan
-from impactx_ray.sweep.spaces import (COMPARISON_METHODS, STAGE1_SEARCHED, STAGE2_SEARCHED, Cell,
-                                      Space, stage1_space, stage2_space)
+from impactx_ray.sweep.spaces import (COMPARABLE_METHODS, COMPARISON_METHODS, DEFAULT_REPLACEMENTS,
+                                      STAGE1_SEARCHED, STAGE2_SEARCHED, Cell, Space, stage1_space,
+                                      stage2_space)
 from impactx_ray.sweep.tracking import (MLflowTrialLogger, Tracker, artifact_location,
                                        tracking_uri)
 from impactx_ray.sweep.trainables import (CPUS, MAPS, METHOD, STAGE1_CHECKPOINT, STAGE_METHODS,
@@ -54,6 +57,8 @@ class SweepOptions:
     gpus_per_trial: float = 0.0
     map_workers: int | None = None        # None: one per GPU in the cluster, else one per CPU
     morf_images: int = 200                # test images for MoRF (0: skip MoRF)
+    replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS  # what replaces removed regions
+    comparison: tuple[str, ...] = COMPARISON_METHODS     # methods on the stage-1 winner's settings
     max_failures: int = 0
     name: str | None = None               # the sweep's name (default: from --out)
     restart: bool = False                 # start afresh, the old results kept aside
@@ -62,10 +67,14 @@ class SweepOptions:
 
     def settings(self) -> dict[str, Any]:
         """What decides the sweep's results: a resumed sweep must be asked for the same."""
+        # recorded only when not the default, so sweeps started before these options resume
+        chosen = {k: list(v) for k, v, default in (
+            ("replacements", self.replacements, DEFAULT_REPLACEMENTS),
+            ("comparison", self.comparison, COMPARISON_METHODS)) if tuple(v) != default}
         return json.loads(json.dumps({
             "cells": [c.name for c in self.cells], "smoke": self.smoke,
             "full_stage2": self.full_stage2, "morf_images": self.morf_images, **self.base,
-            **self.search.settings()}))
+            **self.search.settings(), **chosen}))
 
     @property
     def small_spaces(self) -> bool:
@@ -248,10 +257,11 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
              f"test acc {m2['test_accuracy']:.4f}")
     log_winner(tracker, s2_run, p2, m2, load_model(ckpt2, spec, METHODS["impactx"])[0])
 
-    # ABN and WAE with the stage-1 winner's hyperparameters.
+    # ABN and WAE (single-stage IMPACTX, if asked) with the stage-1 winner's hyperparameters;
+    # single-stage IMPACTX takes stage 2's λ (the other two have none).
     s3, s3_run, _ = run_stage(opts, tracker, cell, "comparison", cell_run,
-                           Space({**{k: (v,) for k, v in p1.items()}, METHOD: COMPARISON_METHODS}),
-                           on_winner, (train, test))
+                           Space({**{k: (v,) for k, v in p1.items()}, METHOD: opts.comparison}),
+                           {**on_winner, "lam": p2.get("lam", base.lam)}, (train, test))
     others = {r.config[METHOD]: r for r in s3 if r.error is None and r.checkpoint is not None}
     tracker.metrics(s3_run, {f"{m}_test_accuracy": r.metrics["test_accuracy"]
                              for m, r in others.items()})
@@ -267,11 +277,13 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
            **o2.row("stage2")}
     if opts.morf_images:
         abn = others.get("abn")
-        row["aopc"] = morf_for_cell(opts, tracker, cell, cell_run, winner_cfg, test, ckpt2,
-                                    Path(abn.checkpoint.path) / "model.pt" if abn else None)
+        summary = morf_for_cell(opts, tracker, cell, cell_run, winner_cfg, test, ckpt2,
+                                Path(abn.checkpoint.path) / "model.pt" if abn else None)
+        row.update(aopc=summary["aopc"], metrics=summary["metrics"], sanity=summary["sanity"])
+        tracker.metrics(cell_run, summary["flat_metrics"])  # morf.<replacement>.<method>.<measure>
     tracker.params(cell_run, {k: row[k] for k in (*STAGE1_SEARCHED, *STAGE2_SEARCHED)})
     tracker.metrics(cell_run, {k: v for k, v in row.items() if k.endswith("accuracy")})
-    tracker.metrics(cell_run, {f"aopc_{m.replace(' ', '_')}": v
+    tracker.metrics(cell_run, {f"aopc_{m.replace(' ', '_').replace('(', '').replace(')', '')}": v
                                for m, v in (row.get("aopc") or {}).items()})
     tracker.finish(cell_run)
     write_json(opts.out / "cells" / cell.name / "result.json", row, sort_keys=False)
@@ -279,10 +291,12 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
 
 
 def morf_task(out: str, cfg: dict[str, Any], test: ImageData, impactx_ckpt: Path,
-              abn_ckpt: Path | None, n: int) -> dict[str, Any]:
-    """MoRF of IMPACTX's maps, SHAP of IMPACTX, ABN and random on ``n`` test images, curves and
-    figures written to ``out``: run as a Ray task with a trial's resources (a GPU if trials get
-    one), not in the driver, whose node may have none."""
+              abn_ckpt: Path | None, n: int,
+              replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS) -> dict[str, Any]:
+    """MoRF and LeRF of IMPACTX's and ABN's maps, SHAP of each and random, per replacement, and
+    the sanity checks, on ``n`` test images; curves, ``morf.json`` and figures written to ``out``.
+    Run as a Ray task with a trial's resources (a GPU if trials get one), not in the driver,
+    whose node may have none."""
     from impactx_ray.eval.compare import morf_comparison, write_morf
     from impactx_ray.train import resolve_device
 
@@ -292,22 +306,27 @@ def morf_task(out: str, cfg: dict[str, Any], test: ImageData, impactx_ckpt: Path
     impactx = load_model(impactx_ckpt, spec, METHODS["impactx"])[0]
     curves, maps, x, y = morf_comparison(impactx, test, ExplainSettings.from_config(run_cfg),
                                          abn=abn, n=n, seed=run_cfg.seed, device=device,
-                                         progress=False)
+                                         progress=False, replacements=tuple(replacements))
     return write_morf(Path(out), curves, maps, x, y, test.classes)
 
 
 def morf_for_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, cell_run: str,
                   cfg: RunConfig, test: ImageData, impactx_ckpt: Path,
-                  abn_ckpt: Path | None) -> dict[str, float]:
-    """The cell's MoRF comparison (``morf_task`` on the cluster); its figures logged to MLflow."""
+                  abn_ckpt: Path | None) -> dict[str, Any]:
+    """The cell's MoRF comparison (``morf_task`` on the cluster); its figures logged to MLflow.
+    Returns ``morf.json``'s summary."""
     import ray
 
+    out = (opts.out / "cells" / cell.name / "morf").resolve()
+    opts.log(f"{cell.name}: MoRF/LeRF comparison and sanity checks on {opts.morf_images} test "
+             f"images ({', '.join(opts.replacements)}) -> {out}")
     task = ray.remote(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial)(morf_task)
-    summary = ray.get(task.remote(str((opts.out / "cells" / cell.name / "morf").resolve()),
-                                  cfg.to_dict(), test, impactx_ckpt, abn_ckpt, opts.morf_images))
+    summary = ray.get(task.remote(str(out), cfg.to_dict(), test, impactx_ckpt, abn_ckpt,
+                                  opts.morf_images, opts.replacements))
     for figure in summary["figures"]:
         tracker.artifact(cell_run, figure, "figures")
-    return summary["aopc"]
+    tracker.artifact(cell_run, out / "morf.json", "morf")  # the curves' measures with their CIs
+    return summary
 
 
 def claim_out(opts: SweepOptions) -> SweepIdentity:
@@ -369,5 +388,15 @@ def options_from(out: Path, cells: list[Cell], **kw: Any) -> SweepOptions:
         value = kw.get(key)
         if value is not None and value < minimum:
             raise UserError(f"{flag} must be >= {minimum:g}, got {value!r}")
+    for flag, key, allowed in (("--comparison", "comparison", tuple(COMPARABLE_METHODS)),
+                               ("--replacement", "replacements", REPLACEMENTS)):
+        for value in kw.get(key) or ():
+            if value not in allowed:
+                raise UserError(f"{flag}: unknown {value!r}; use one or more of "
+                                f"{', '.join(allowed)}")
+        if key in kw and not kw[key]:
+            raise UserError(f"{flag} needs at least one of {', '.join(allowed)}")
+        if key in kw:
+            kw[key] = tuple(dict.fromkeys(kw[key]))  # in the order asked, once each
     return SweepOptions(out=out, cells=cells, base=base, **{k: v for k, v in kw.items()
                                                            if k in names})

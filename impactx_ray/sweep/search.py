@@ -156,12 +156,13 @@ def stopped_early(result: dict[str, Any] | None) -> bool:
 
 
 def budget(cell_list: list[Cell], spec: SearchSpec, *, small: bool, full_stage2: bool,
-           epochs: int, stage2_epochs: int) -> list[str]:
+           epochs: int, stage2_epochs: int,
+           comparison: tuple[str, ...] = COMPARISON_METHODS) -> list[str]:
     """The ``--dry-run`` budget: per stage, the search, its trials and the most trial-epochs
     they can take (ASHA only ever takes fewer); then the sweep's total."""
     stages = (("stage 1", stage1_space(small), spec, epochs),
               ("stage 2", stage2_space(small, full_stage2), spec, stage2_epochs),
-              ("comparison", Space({"method": COMPARISON_METHODS}), SearchSpec(), epochs))
+              ("comparison", Space({"method": comparison}), SearchSpec(), epochs))
     lines, most = [f"budget per cell ({spec.label}):"], 0
     for label, space, asked, max_epochs in stages:
         chosen = asked.for_space(space)

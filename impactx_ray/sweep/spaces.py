@@ -75,18 +75,25 @@ def cells(models: tuple[str, ...] = PAPER_MODELS,
     return [Cell(m, d) for m, d in product(models, datasets)]
 
 
-# The comparison stage: ABN and WAE, once each, with the stage-1 winner's hyperparameters.
+# The comparison stage: ABN and WAE, once each, with the stage-1 winner's hyperparameters (the
+# paper's); single-stage IMPACTX (§3.3, not run in the paper) joins them when asked: it
+# recomputes the training set's maps as it trains, so it costs a map budget per refresh.
 COMPARISON_METHODS = ("abn", "wae")
+# name: title (the method table's; kept here so that --dry-run imports neither torch nor Ray)
+COMPARABLE_METHODS = {"abn": "ABN", "wae": "WAE", "impactx_single": "IMPACTX single-stage"}
+# What replaces the removed regions in the MoRF/LeRF curves: the paper's noise.
+DEFAULT_REPLACEMENTS = ("noise",)
 
 
-def plan(cell_list: list[Cell], smoke: bool = False, full_stage2: bool = False) -> list[str]:
+def plan(cell_list: list[Cell], smoke: bool = False, full_stage2: bool = False,
+         comparison: tuple[str, ...] = COMPARISON_METHODS) -> list[str]:
     """The lines ``--dry-run`` prints: cells, trials per stage (every stage), and totals."""
     s1 = stage1_space(smoke).size
     s2 = stage2_space(smoke, full_stage2).size
-    s3 = len(COMPARISON_METHODS)
+    s3 = len(comparison)
     n = len(cell_list)
-    lines = [f"{n} cells; per cell: {s1} stage-1 + {s2} stage-2 + {s3} comparison (ABN, WAE) "
-             f"trials = {s1 + s2 + s3}"]
+    lines = [f"{n} cells; per cell: {s1} stage-1 + {s2} stage-2 + {s3} comparison "
+             f"({', '.join(COMPARABLE_METHODS[m] for m in comparison)}) trials = {s1 + s2 + s3}"]
     lines += [f"  {c.name}: model={c.model} dataset={c.dataset}" for c in cell_list]
     lines.append(f"total: {n * s1} stage-1 + {n * s2} stage-2 + {n * s3} comparison = "
                  f"{n * (s1 + s2 + s3)} trials")
