@@ -56,10 +56,21 @@ def test_run_all_methods_then_morf_and_report(tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     for method in ("baseline", "impactx", "abn", "wae"):
         assert 0 <= result[f"{method}_test_accuracy"] <= 1
-    assert main(["evaluate", "--out", str(out), "--morf", "--morf-images", "8", "--quiet"]) == 0
+    assert main(["evaluate", "--out", str(out), "--morf", "--morf-images", "8", "--quiet",
+                 "--replacement", "noise", "road"]) == 0
     morf = json.loads((out / "result.json").read_text())["morf"]
-    assert set(morf["aopc"]) == {"IMPACTX", "SHAP of IMPACTX", "random", "ABN", "SHAP of ABN",
-                                 "random (ABN)"}
+    names = {"IMPACTX", "SHAP of IMPACTX", "random", "ABN", "SHAP of ABN", "random (ABN)"}
+    assert set(morf["aopc"]) == names
+    saved = json.loads((out / "morf" / "morf.json").read_text())
+    assert list(saved["metrics"]) == ["noise", "road"]  # every replacement asked, in that order
+    for replacement in ("noise", "road"):
+        assert set(saved["metrics"][replacement]) == names
+        for measure in saved["metrics"][replacement].values():
+            for key in ("aopc", "auc_morf", "auc_lerf", "srg"):
+                m = measure[key]
+                assert m["ci_low"] <= m["mean"] <= m["ci_high"] and m["n"] == 8
+        assert (out / "morf" / f"lerf_{replacement}_SHAP_of_ABN.npy").exists()
+    assert set(saved["sanity"]) == {"IMPACTX", "ABN"}
     assert (out / "morf" / "examples.png").exists() and (out / "morf" / "morf_mean.png").exists()
     assert main(["report", "--out", str(out)]) == 0
     assert "| lenet5 | digits |" in (out / "summary.md").read_text()
