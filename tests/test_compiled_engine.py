@@ -78,6 +78,9 @@ def test_auto_compiles_only_calls_that_repay_it(monkeypatch) -> None:
     assert f.select(fwd.AUTO_COMPILE_MIN_IMAGES)  # e.g. a 128-map shard at 2000 evaluations
     assert not fwd.ModelForward(_model(), torch.device("cpu"), compile="off").select(10**9)
     assert fwd.ModelForward(_model(), torch.device("cpu"), compile="on").select(1)
+    # on CUDA, auto keeps fp32 (the shap-exact setting) eager and compiles reduced precision
+    assert not fwd.ModelForward(_model(), torch.device("cuda"), compile="auto").select(10**9)
+    assert fwd.ModelForward(_model(), torch.device("cuda"), compile="auto", precision="bf16").select(10**9)
     # what a store shard or a single map asks for, through the explainer
     ex = _explainer(_model(), np.zeros((1, 32, 32, 3), np.float32), engine="batched", max_evals=2000)
     assert ex.model_forward.compile_mode == "auto" and 128 * 2000 >= fwd.AUTO_COMPILE_MIN_IMAGES > 2000
