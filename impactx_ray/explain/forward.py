@@ -10,15 +10,17 @@ this module is where the forward gets faster, without touching the maps' definit
 * **compile**: ``torch.compile`` of the model at one static batch shape, ``chunk`` images: every
   call is split into chunks of ``chunk``, the last one padded (on a CPU, when less than half
   full, run eager instead), so the graph is compiled once (and CUDA graphs replay it on a GPU).
-  On CUDA the eager forward runs at the static chunk size too (cuDNN plans each new batch size). ``"auto"`` compiles a call that sends at least
-  :data:`AUTO_COMPILE_MIN_IMAGES` images through the model (about 100 maps at 2000 evaluations:
-  a store shard, not a one-off map) where a compiler exists (a C++ compiler on CPU, Triton on
-  CUDA); ``"on"`` compiles every call; ``"off"`` never. Where it cannot compile it says so on one
-  line and runs the eager forward. Compiled code is cached on disk by torch (inductor's FX graph
-  cache, :func:`compile_cache_dir`), so Ray workers on one machine compile once between them.
-  Compiled maps differ from eager ones by float rounding only (tests: <= 1e-5 of the map's scale).
-* **channels-last** weights for conv backbones where measured faster (CUDA; see
-  :func:`default_channels_last`): the engine's masked images are already channels-last in memory.
+  On CUDA the eager forward runs at the static chunk size too (cuDNN plans each new batch size).
+  ``"auto"`` compiles a call that sends at least :data:`AUTO_COMPILE_MIN_IMAGES` images through
+  the model (about 100 maps at 2000 evaluations: a store shard, not a one-off map) where a
+  compiler exists (a C++ compiler on CPU, Triton on CUDA), except fp32 on CUDA (not shap-exact
+  there, see :meth:`ModelForward.select`); ``"on"`` compiles every call; ``"off"`` never. Where it
+  cannot compile it says so on one line and runs the eager forward. Compiled code is cached on
+  disk by torch (inductor's FX graph cache, :func:`compile_cache_dir`), so Ray workers on one
+  machine compile once between them. On a CPU compiled maps equal eager ones to float rounding
+  (tests: <= 1e-5 of the map's scale).
+* **channels-last** weights on CUDA (:func:`default_channels_last`); the engine's masked images
+  are channels-last in memory already.
 
 Plain PyTorch: no Ray, no MLflow, no shap.
 """
@@ -42,8 +44,8 @@ DEFAULT_PRECISION = "fp32"
 DEFAULT_COMPILE = "auto"
 #: ``compile="auto"`` compiles a call with at least this many images through the model: a 128-map
 #: store shard at 2000 evaluations (256k) does, a single map or a small test never does. Measured
-#: here (LeNet-5, CPU): a cold compile ~20-60 s, from the disk cache a few s; the compiled forward
-#: ~1.5-1.8x the eager one, so a call of this size repays a cached compile.
+#: here (LeNet-5, CPU): a cold compile 34-58 s, from the disk cache 3-4 s; the compiled forward
+#: 1.8-2.2x the eager one, so a call of this size repays a cached compile.
 AUTO_COMPILE_MIN_IMAGES = 200_000
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -90,9 +92,9 @@ def compile_blocker(device: torch.device) -> str | None:
 
 
 def default_channels_last(device: torch.device) -> bool:
-    """Channels-last weights where measured faster: on CUDA (cuDNN's NHWC kernels, tensor cores;
-    benchmarks/gpu_table.py). On CPU the engine's input is channels-last already and converting
-    LeNet-5's or MobileNet's weights measured no faster (benchmarks/shap_engine.py --channels-last)."""
+    """Channels-last weights on CUDA, contiguous on a CPU. Measured (benchmarks/map_table.py): the
+    same forward speed either way on an H100 and on this project's CPU, for LeNet-5, MobileNet and
+    EfficientNet-B2; CUDA keeps NHWC, cuDNN's native layout for its tensor-core kernels."""
     return device.type == "cuda"
 
 
@@ -197,10 +199,10 @@ class ModelForward:
 
         A short last chunk is padded (with the previous chunk's images, already valid inputs). On
         a CPU, one less than half full runs eager at its own size instead: the compiled forward
-        is less than twice as fast as the eager one (1.2-1.8x), so that costs less than a padded
-        chunk. On CUDA every chunk is padded, eager ones too: each new batch size costs cuDNN a
-        new plan (measured on an H100, MobileNet at 224: 2.3 s for the first call at a new size,
-        0.08 s after), and the engine's last chunk has a new size nearly every step.
+        measured 1.8-2.2x the eager one there, so that costs about what a padded chunk would.
+        On CUDA every chunk is padded, eager ones too: each new batch size costs cuDNN a new plan
+        (measured on an H100, MobileNet at 224: 2.3 s for the first call at a new size, 0.08 s
+        after), and the engine's last chunk has a new size nearly every step.
         """
         cuda = self.device.type == "cuda"
         out = []
