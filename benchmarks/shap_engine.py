@@ -1,25 +1,31 @@
-"""Map engines: the batched Partition engine vs shap's explainer, same model, images and settings.
+"""Map engines: shap's explainer vs the batched engine, eager and compiled, vs the forward bounds.
 
 In one run, on one model (seeded initialisation: the rates do not depend on the weights' values),
 the same digits images and the same masker, max_evals and batch_size:
 
   (a) engine "shap": ``shap.PartitionExplainer`` one image at a time (the reference)
-  (b) engine "batched": all images in lockstep, masked images through the model in chunks
-  (c) the forward bound: images/s of one forward pass on a chunk of ``--forward-batch`` images,
-      divided by max_evals -- what an engine with no overhead at all could reach
+  (b) engine "batched", eager forward: all images in lockstep, masked images in chunks
+  (c) engine "batched", compiled forward (``--compile``): ``torch.compile`` at the chunk size,
+      the last chunk of each step padded
+  (d) the eager forward bound: images/s of the forward on one chunk of ``--forward-batch`` images,
+      divided by max_evals -- what an engine with no overhead could reach
+  (e) the compiled forward bound (``--compile``)
 
-For (a) and (b) the share of wall time spent inside the model's forward pass is measured by a
-timing wrapper around the model (synchronising CUDA). Rates are steady state: shap's numba kernels
-are compiled and both engines warmed up before the clock starts. The maps of (a) and (b) are
-compared too (max |batched - shap| / max |shap| over the images).
+The forward share of (b) and (c) is the engine's own timer around its model calls (which end by
+copying the picked logits to the host, so a GPU is synchronised); of (a), a timing wrapper. Rates
+are steady state: shap's numba kernels are compiled, the engines warmed up on one image and the
+compile done (its time is printed) before the clock starts. Every engine's maps are compared with
+shap's (max |m - shap| / max |shap| over the images). The last line is
+``engine_speedup_vs_shap=<(c) or (b) / (a)> forward_share=<its forward time / its wall time>``.
 
-    python benchmarks/shap_engine.py                        # LeNet-5, 32x32, 2000 evals, 32 images
-    python benchmarks/shap_engine.py --model mobilenet --input-size 32 --device cuda
+    python benchmarks/shap_engine.py --compile              # LeNet-5, 32x32, 2000 evals, 32 images
+    python benchmarks/shap_engine.py --compile --model mobilenet --images 2 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -34,12 +40,12 @@ from impactx_ray.models import create_backbone
 
 
 class Timed(torch.nn.Module):
-    """The model, with the seconds spent in its forward passes (and the images) counted."""
+    """The model, with the seconds spent in its forward passes counted (for shap's engine)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         super().__init__()
         self.model, self.cuda = model, device.type == "cuda"
-        self.seconds, self.images = 0.0, 0
+        self.seconds = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cuda:
@@ -49,45 +55,101 @@ class Timed(torch.nn.Module):
         if self.cuda:
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - start
-        self.images += len(x)
         return out
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+def build_model(name: str, input_size: int | None, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    kwargs = {} if args.model == "lenet5" else {"input_size": args.input_size}
-    return create_backbone(args.model, 10, **kwargs).to(device).eval()
+    kwargs = {} if name == "lenet5" or input_size is None else {"input_size": input_size}
+    return create_backbone(name, 10, **kwargs).to(device).eval()
 
 
-def run_engine(engine: str, model: Timed, hwc: np.ndarray, y: np.ndarray, args) -> tuple[float, float, np.ndarray]:
-    """(maps/s, forward share of wall time, maps) of one engine on all images."""
+def digits_hwc(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` digits images N x H x W x C in [0, 1] at ``size`` x ``size``, and their labels."""
+    train, _ = load_dataset("digits")
+    x = train.float_images(torch.arange(n))  # N x 3 x 32 x 32
+    if size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()), train.labels[:n].numpy()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def explainer(model, hwc, *, engine: str, max_evals: int, masker: str, batch_size: int, forward_batch: int,
+              precision: str = "fp32", compile: str = "off", channels_last: bool | None = None) -> TrueClassExplainer:
     h, w, c = hwc.shape[1:]
-    settings = {"masker": args.masker, "batch_size": args.batch_size, "seed": 0, "engine": engine,
-                "forward_batch": args.forward_batch}
-    TrueClassExplainer(model, (c, h, w), max_evals=32, **settings).explain_many(hwc[:2], y[:2])  # warm-up
-    ex = TrueClassExplainer(model, (c, h, w), max_evals=args.max_evals, **settings)
-    model.seconds = 0.0
+    return TrueClassExplainer(model, (c, h, w), max_evals=max_evals, masker=masker, batch_size=batch_size,
+                              seed=0, engine=engine, forward_batch=forward_batch, precision=precision,
+                              compile=compile, channels_last=channels_last)
+
+
+def warm_up(ex: TrueClassExplainer, hwc: np.ndarray, y: np.ndarray, device, full_map: bool) -> float:
+    """Seconds to bring ``ex`` to steady state: shap's numba kernels compiled (a 32-evaluation map),
+    the forward run once on a full chunk (compiled, when ``ex`` compiles: this is the compile),
+    and with ``full_map`` one whole map (caches, allocations; skipped where a map takes minutes)."""
+    start = time.perf_counter()
+    h, w, c = hwc.shape[1:]
+    with torch.no_grad():
+        if ex.engine == "shap":
+            TrueClassExplainer(ex.model, (c, h, w), max_evals=32, masker=ex.masker, engine="shap").explain(hwc[0], y[0])
+        else:
+            mf = ex.model_forward
+            mf.compiled = mf.compile_mode == "on"
+            mf(torch.zeros(mf.chunk, h, w, c, device=device))
+        if full_map:
+            ex.explain_many(hwc[:1], y[:1])
+    sync(device)
+    return time.perf_counter() - start
+
+
+def timed_maps(ex: TrueClassExplainer, hwc: np.ndarray, y: np.ndarray, device, full_map: bool = True) -> dict:
+    """Warm ``ex`` up (:func:`warm_up`), then time all images:
+    {"maps_per_s", "forward_share", "warmup_s", "padded_share", "maps"}."""
+    timer = ex.model if isinstance(ex.model, Timed) else None
+    warmup = warm_up(ex, hwc, y, device, full_map)
+    if ex.engine == "batched":
+        ex.batched.forward_seconds, ex.batched.forward_images = 0.0, 0
+        ex.model_forward.padded_images = ex.model_forward.graph_images = 0
+    if timer is not None:
+        timer.seconds = 0.0
     with torch.no_grad():
         start = time.perf_counter()
         maps = ex.explain_many(hwc, y)
+        sync(device)
         wall = time.perf_counter() - start
-    return len(hwc) / wall, model.seconds / wall, maps
+    if ex.engine == "batched":
+        fwd = ex.batched.forward_seconds
+        padded = ex.model_forward.padded_images / max(ex.model_forward.graph_images, 1)
+    else:
+        fwd, padded = timer.seconds if timer is not None else float("nan"), 0.0
+    return {"maps_per_s": len(hwc) / wall, "forward_share": fwd / wall, "warmup_s": warmup,
+            "padded_share": padded, "maps": maps}
 
 
-def forward_bound(model: torch.nn.Module, shape: tuple[int, int, int], args, device) -> float:
-    """Forward images/s at the chunk size, divided by max_evals: maps/s with zero overhead."""
-    h, w, c = shape
-    x = torch.rand(args.forward_batch, h, w, c, device=device).permute(0, 3, 1, 2)  # as engines feed it
+def forward_rate(ex: TrueClassExplainer, hwc_shape, forward_batch: int, max_evals: int, device,
+                 compiled: bool, seconds: float = 1.0) -> float:
+    """Images/s of ``ex``'s model call on one chunk of ``forward_batch`` random images (as the
+    engine feeds them), divided by ``max_evals``: maps/s with zero engine overhead."""
+    mf = ex.model_forward
+    mf.compiled = compiled
+    x = torch.rand(forward_batch, *hwc_shape, device=device)  # N x H x W x C
     with torch.no_grad():
-        model(x)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        reps, start = 3, time.perf_counter()
-        for _ in range(reps):
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return reps * len(x) / (time.perf_counter() - start) / args.max_evals
+        mf(x)  # warm-up (compiled: the graph exists already)
+        sync(device)
+        reps, start = 0, time.perf_counter()
+        while reps < 2 or time.perf_counter() - start < seconds:
+            mf(x)
+            sync(device)
+            reps += 1
+    return reps * forward_batch / (time.perf_counter() - start) / max_evals
+
+
+def rel_diff(maps: np.ndarray, ref: np.ndarray) -> float:
+    """max over images of max |maps - ref| / max |ref|."""
+    return max(float(np.abs(maps[i] - ref[i]).max() / max(np.abs(ref[i]).max(), 1e-30)) for i in range(len(ref)))
 
 
 def main() -> None:
@@ -102,41 +164,63 @@ def main() -> None:
     p.add_argument("--forward-batch", type=int, default=None,
                    help="masked images per model call (default: the engine's, 512 on CPU, 4096 on CUDA)")
     p.add_argument("--masker", default=None, help="default: blur a quarter of the image wide")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                   help="channels-last weights (auto: on CUDA only)")
+    p.add_argument("--compile", action="store_true", help="add the compiled engine and forward bound")
     p.add_argument("--torch-threads", type=int, default=torch.get_num_threads(),
-                   help="torch threads for both engines (default: torch's, all cores)")
+                   help="torch threads for every engine (default: torch's, all cores)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args()
     device = torch.device(args.device)
-    args.forward_batch = args.forward_batch or auto_forward_batch(device)
-    args.masker = args.masker or default_masker(args.image_size, args.image_size)
+    fb = args.forward_batch or auto_forward_batch(device)
+    masker = args.masker or default_masker(args.image_size, args.image_size)
+    cl = {"auto": None, "on": True, "off": False}[args.channels_last]
+    hwc, y = digits_hwc(args.images, args.image_size)
+    model = build_model(args.model, args.input_size, device)
+    common = {"max_evals": args.max_evals, "masker": masker, "batch_size": args.batch_size, "forward_batch": fb,
+              "precision": args.precision, "channels_last": cl}
 
-    train, _ = load_dataset("digits")
-    x = train.float_images(torch.arange(args.images))  # N x 3 x 32 x 32 in [0, 1]
-    if args.image_size != x.shape[-1]:
-        x = torch.nn.functional.interpolate(x, size=(args.image_size,) * 2, mode="bilinear", align_corners=False)
-    hwc = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())  # N x H x W x C
-    y = train.labels[: args.images].numpy()
-
-    model = Timed(build_model(args, device), device)
     with torch_threads_ctx(args.torch_threads):
-        shap_rate, shap_share, ref = run_engine("shap", model, hwc, y, args)
-        rate, share, maps = run_engine("batched", model, hwc, y, args)
-        bound = forward_bound(model.model, hwc.shape[1:], args, device)
-    diff = max(float(np.abs(maps[i] - ref[i]).max() / max(np.abs(ref[i]).max(), 1e-30)) for i in range(len(ref)))
+        ref = timed_maps(explainer(Timed(model, device), hwc, engine="shap", **common), hwc, y, device)
+        eager_ex = explainer(model, hwc, engine="batched", compile="off", **common)
+        eager = timed_maps(eager_ex, hwc, y, device)
+        rows = [("(a) shap, one image at a time", ref),
+                (f"(b) batched, eager, {args.images} images in lockstep", eager)]
+        if args.compile:
+            comp_ex = explainer(model, hwc, engine="batched", compile="on", **common)
+            comp = timed_maps(comp_ex, hwc, y, device)
+            rows.append((f"(c) batched, compiled, {args.images} images", comp))
+        rows.append((f"(d) forward bound, eager ({fb} images/call)",
+                     {"maps_per_s": forward_rate(eager_ex, hwc.shape[1:], fb, args.max_evals, device, False),
+                      "forward_share": 1.0}))
+        if args.compile:
+            rows.append((f"(e) forward bound, compiled ({fb} images/call)",
+                         {"maps_per_s": forward_rate(comp_ex, hwc.shape[1:], fb, args.max_evals, device, True),
+                          "forward_share": 1.0}))
 
     print(f"{args.model}, {args.image_size}x{args.image_size} digits, {args.images} images, "
-          f"max_evals={args.max_evals}, {args.masker}, batch_size={args.batch_size}, "
-          f"forward_batch={args.forward_batch}, device={device}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads here, {args.torch_threads} while timing), shap {shap.__version__}")
-    print(f"max |batched - shap| / max |shap| = {diff:.1e}")
+          f"max_evals={args.max_evals}, {masker}, batch_size={args.batch_size}, forward_batch={fb}, "
+          f"device={device}, precision={args.precision}, channels_last={eager_ex.model_forward.channels_last}, "
+          f"torch {torch.__version__} ({args.torch_threads} threads while timing), shap {shap.__version__}")
+    print(f"max |batched - shap| / max |shap|: eager {rel_diff(eager['maps'], ref['maps']):.1e}"
+          + (f", compiled {rel_diff(comp['maps'], ref['maps']):.1e}" if args.compile else ""))
+    if args.compile:
+        print(f"compile + first map: {comp['warmup_s']:.1f} s (eager first map {eager['warmup_s']:.1f} s); "
+              f"padding: {comp['padded_share']:.0%} of the images through the compiled graph")
     print()
-    print(f"| {'engine':<44} | {'maps/s':>8} | {'vs shap':>8} | {'forward share':>13} |")
-    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 15}|")
-    rows = [("(a) shap, one image at a time", shap_rate, f"{shap_share:.0%}"),
-            (f"(b) batched, {args.images} images in lockstep", rate, f"{share:.0%}"),
-            (f"(c) forward bound ({args.forward_batch} images/call)", bound, "100%")]
-    for name, r, s in rows:
-        print(f"| {name:<44} | {r:8.2f} | {r / shap_rate:7.2f}x | {s:>13} |")
-    print(f"engine_speedup_vs_shap={rate / shap_rate:.2f} forward_share={share:.2f}")
+    shap_rate = ref["maps_per_s"]
+    print(f"| {'engine':<46} | {'maps/s':>8} | {'vs shap':>8} | {'forward share':>13} |")
+    print(f"|{'-' * 48}|{'-' * 10}|{'-' * 10}|{'-' * 15}|")
+    for name, r in rows:
+        print(f"| {name:<46} | {r['maps_per_s']:8.2f} | {r['maps_per_s'] / shap_rate:7.2f}x | "
+              f"{r['forward_share']:>13.0%} |")
+    best = comp if args.compile else eager
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": [{"name": n, **{k: v for k, v in r.items() if k != "maps"}}
+                                                    for n, r in rows]}, f, indent=1)
+    print(f"engine_speedup_vs_shap={best['maps_per_s'] / shap_rate:.2f} forward_share={best['forward_share']:.2f}")
 
 
 if __name__ == "__main__":

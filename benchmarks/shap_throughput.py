@@ -57,7 +57,7 @@ def shap_direct(images: torch.Tensor, labels: torch.Tensor, args: argparse.Names
 def pool_rate(images, labels, workers: int, args, tmp: Path) -> tuple[float, float]:
     """(steady-state maps/s, start-up seconds) of a MapPool with ``workers`` workers."""
     settings = ExplainSettings(max_evals=args.max_evals, masker=args.masker,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, compile=args.compile)
     t0 = time.perf_counter()
     with MapPool(build_model, images, labels, settings, workers=workers,
                  gpus_per_worker=0.0) as pool:
@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--masker", default="blur(8,8)")
     p.add_argument("--shard-size", type=int, default=16)
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="the workers' forward (auto: only shards of >= 200k forward images compile)")
     args = p.parse_args()
 
     import ray
@@ -111,7 +113,7 @@ def main() -> None:
     ray.shutdown()
 
     print(f"LeNet-5, 32x32 digits, {args.images} images, max_evals={args.max_evals}, "
-          f"{args.masker}, batch_size={args.batch_size}, torch {torch.__version__}, "
+          f"{args.masker}, batch_size={args.batch_size}, compile={args.compile}, torch {torch.__version__}, "
           f"shap {shap.__version__}, {torch.get_num_threads()} torch threads in the driver")
     print(f"| {'what':<40} | {'maps/s':>8} | {'vs shap':>8} |")
     print(f"|{'-' * 42}|{'-' * 10}|{'-' * 10}|")

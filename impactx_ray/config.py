@@ -20,7 +20,7 @@ from impactx_ray.errors import UserError
 STAGE1_SETTINGS = ("model", "dataset", "batch_size", "lr", "val_fraction", "epochs", "seed",
                    "pretrained", "weights", "image_size", "input_size")
 # On top of the stage-1 checkpoint, the SHAP maps (``explain.ExplainSettings``):
-EXPLAIN_SETTINGS = ("max_evals", "masker", "shap_batch_size", "engine")
+EXPLAIN_SETTINGS = ("max_evals", "masker", "shap_batch_size", "engine", "precision")
 # On top of the maps, the stage-2 training budget (IMPACTX, and WAE without λ):
 STAGE2_BUDGET = ("stage2_epochs", "stage2_lr")
 STAGE2_SETTINGS = ("lam", *STAGE2_BUDGET)
@@ -45,6 +45,8 @@ class RunConfig:
     masker: str | None = None         # shap.maskers.Image mask_value; None: blur(H//4,W//4)
     shap_batch_size: int = 100        # `batch_size` of shap's explainer call (maps depend on it)
     engine: str = "batched"           # map engine: batched (exact, fast) or shap (the reference)
+    precision: str = "fp32"           # map forward precision: fp32 (shap-exact), bf16 or fp16
+    compile: str = "auto"             # torch.compile the map engine's forward: auto, on or off
     seed: int = 0
     pretrained: bool | None = None    # None: the backbone's default (timm models: True)
     weights: str | None = None        # local pretrained weights file
@@ -80,6 +82,10 @@ class RunConfig:
             raise UserError(f"--lambda must be a finite number >= 0, got {self.lam!r}")
         if self.engine not in ("batched", "shap"):
             raise UserError(f"--engine must be batched or shap, got {self.engine!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise UserError(f"--compile must be auto, on or off, got {self.compile!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         # Names are checked against the registries lazily imported here to keep config import-light.

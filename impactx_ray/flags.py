@@ -51,6 +51,8 @@ CONFIG_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--masker", "masker", str, "shap.maskers.Image mask value (default blur(H/4,W/4))"),
     ("--shap-batch-size", "shap_batch_size", int, "batch_size of shap's explainer call"),
     ("--engine", "engine", str, "SHAP map engine: batched (default; exact, fast) or shap"),
+    ("--precision", "precision", str, "map forward precision: fp32 (default, shap-exact), bf16 or fp16"),
+    ("--compile", "compile", str, "torch.compile the map engine's forward: auto (default), on or off"),
     ("--seed", "seed", int, "seed of the split, initialisation, shuffling and shap's tie-breaks"),
     ("--pretrained", "pretrained", boolean, "true/false: start from pretrained weights (timm default: true)"),
     ("--weights", "weights", str, "local pretrained weights file (timm format)"),

@@ -111,4 +111,10 @@ class RunDir:
             return False
         if any(meta.get(k) != v for k, v in method.meta):
             return False
-        return meta.get("config") == cfg.subset(method.settings)
+        saved, wanted = meta.get("config"), cfg.subset(method.settings)
+        if not isinstance(saved, dict) or set(saved) - set(wanted):
+            return False
+        # a setting added since the checkpoint was written (e.g. precision) is not in its
+        # config: it was made the way that setting's default makes it
+        default = RunConfig().subset(method.settings)
+        return all(saved.get(k, default[k]) == v for k, v in wanted.items())

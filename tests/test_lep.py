@@ -49,8 +49,9 @@ def test_checkpoints_record_the_lep_and_old_ones_still_load(tmp_path):
     torch.testing.assert_close(loaded_old.eval()(x), old.eval()(x))
 
 
-def test_a_run_retrains_an_impactx_checkpoint_from_before_the_papers_lep(tmp_path):
-    """``impactx run`` reuses a checkpoint only if it is the model the method builds now."""
+def test_a_run_reuses_a_checkpoint_only_if_it_is_the_model_the_method_builds_now(tmp_path):
+    """``impactx run`` retrains an IMPACTX checkpoint from before the paper's LEP; one from
+    before a setting existed counts as made with that setting's default."""
     train, _ = load_dataset("digits")
     cfg = RunConfig()
     run = RunDir(tmp_path)
@@ -63,6 +64,12 @@ def test_a_run_retrains_an_impactx_checkpoint_from_before_the_papers_lep(tmp_pat
     model = ImpactX.from_backbone(create_backbone("lenet5", 10), 32)
     save_checkpoint(run.checkpoint(impactx), model.state_dict(), meta)
     assert run.holds(impactx, cfg)
+    # written before --precision existed: made in fp32, the default, so still reused
+    before_precision = {**meta, "config": {k: v for k, v in meta["config"].items()
+                                           if k != "precision"}}
+    save_checkpoint(run.checkpoint(impactx), model.state_dict(), before_precision)
+    assert run.holds(impactx, cfg)
+    assert not run.holds(impactx, RunConfig(precision="bf16"))
     old_meta = {k: v for k, v in meta.items() if k != "lep"}  # written before the paper's LEP
     save_checkpoint(run.checkpoint(impactx), model.state_dict(), old_meta)
     assert not run.holds(impactx, cfg)

@@ -32,12 +32,14 @@ def check_fits(store: MapStore, images: torch.Tensor) -> tuple[int, int, int, in
 
 def check_settings(store: MapStore, settings: ExplainSettings,
                    image_size: tuple[int, int]) -> dict[str, object]:
-    """The explainer keyword arguments of ``settings``, checked against the store's meta."""
+    """The explainer keyword arguments of ``settings``, checked against the store's meta (the
+    settings that decide the maps; ``compile`` does not)."""
     kwargs = settings.explainer_kwargs(image_size)
-    for key, value in kwargs.items():
-        if key in store.meta and store.meta[key] != value:
+    for key, value in {"precision": settings.precision, **settings.identity(image_size)}.items():
+        have = settings.recorded(store.meta, key)
+        if (key in store.meta or key == "precision") and have != value:
             raise UserError(
-                f"map store {store.path} was made with {key}={store.meta[key]!r}, not {key}={value!r}; "
+                f"map store {store.path} was made with {key}={have!r}, not {key}={value!r}; "
                 "use the store's settings or another directory"
             )
     return kwargs

@@ -6,8 +6,13 @@ Every caller -- ``impactx explain``/``stage2``, the runner, the sweep, the Ray w
 the store's meta, its path and the store itself, so a store is identified one way everywhere:
 
     meta = {checkpoint_hash, data_fingerprint, masker, max_evals, batch_size, seed, engine,
-            shap_version}
+            shap_version} (+ precision, when not fp32)
     path = <maps root>/<sha256(meta as sorted JSON)[:16]>
+
+``precision`` changes the maps (bf16/fp16 forwards), so a reduced-precision store has its own key;
+fp32 is left out of the meta so that every store made before precisions existed keeps its key.
+``compile`` changes only how fast the maps come (compiled and eager forwards differ by float
+rounding, like two forward batch sizes), so it is no part of a store's identity.
 
 ``find_store`` also accepts stores at other paths under the same root whose meta matches
 (sweeps before this scheme named them by checkpoint hash), so old run directories still load.
@@ -24,22 +29,29 @@ from typing import Any
 
 from impactx_ray.data import ImageData, dataset_fingerprint
 from impactx_ray.errors import UserError
+from impactx_ray.explain.forward import (DEFAULT_COMPILE, DEFAULT_PRECISION, check_compile,
+                                         check_precision)
 from impactx_ray.explain.shap_maps import (DEFAULT_ENGINE, DEFAULT_MAX_EVALS, MIN_MAX_EVALS,
                                            check_engine, default_masker, validate_masker)
 from impactx_ray.explain.store import MANIFEST, MapStore
 
 DEFAULT_SHAP_BATCH_SIZE = 100
+#: Settings that decide how maps are computed but not what they are: not in a store's meta.
+RUN_ONLY = ("compile",)
 
 
 @dataclass(frozen=True)
 class ExplainSettings:
-    """The SHAP settings of a map: masker, evaluations, shap's batch size, tie-break seed, engine."""
+    """The SHAP settings of a map: masker, evaluations, shap's batch size, tie-break seed, engine,
+    the forward's precision; and whether the engine may compile the forward (run-only)."""
 
     masker: str | None = None          # None: default_masker(H, W), a blur a quarter of the image wide
     max_evals: int = DEFAULT_MAX_EVALS  # model evaluations per map (paper: 2000)
     batch_size: int = DEFAULT_SHAP_BATCH_SIZE  # shap's explainer batch_size (maps depend on it)
     seed: int = 0                      # seeds shap's random tie-breaking, per image
     engine: str = DEFAULT_ENGINE       # "batched" (exact, fast) or "shap" (the reference)
+    precision: str = DEFAULT_PRECISION  # forward precision: fp32 (shap-exact), bf16 or fp16
+    compile: str = DEFAULT_COMPILE     # torch.compile the batched engine's forward: auto, on, off
 
     def __post_init__(self) -> None:
         if self.masker is not None:
@@ -51,12 +63,14 @@ class ExplainSettings:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise UserError(f"seed={self.seed!r} is invalid; use an int")
         check_engine(self.engine)
+        check_precision(self.precision)
+        check_compile(self.compile)
 
     @classmethod
     def from_config(cls, cfg: Any) -> ExplainSettings:
         """The settings of a ``RunConfig`` (its ``shap_batch_size`` is shap's ``batch_size``)."""
         return cls(masker=cfg.masker, max_evals=cfg.max_evals, batch_size=cfg.shap_batch_size,
-                   seed=cfg.seed, engine=cfg.engine)
+                   seed=cfg.seed, engine=cfg.engine, precision=cfg.precision, compile=cfg.compile)
 
     def resolved(self, image_size: tuple[int, int]) -> ExplainSettings:
         """The same settings with the default masker made explicit for H×W images."""
@@ -67,6 +81,18 @@ class ExplainSettings:
         """Keyword arguments of ``TrueClassExplainer``/``explain_true_class``/``compute_store``."""
         return dataclasses.asdict(self.resolved(image_size))
 
+    def identity(self, image_size: tuple[int, int]) -> dict[str, Any]:
+        """The settings that decide the maps, as a store's meta records them (fp32 left out)."""
+        kwargs = {k: v for k, v in self.explainer_kwargs(image_size).items() if k not in RUN_ONLY}
+        if kwargs["precision"] == DEFAULT_PRECISION:
+            del kwargs["precision"]
+        return kwargs
+
+    @staticmethod
+    def recorded(meta: dict[str, Any], key: str) -> Any:
+        """``meta[key]`` of a store, with the value a store without it was made with."""
+        return meta.get(key, DEFAULT_PRECISION) if key == "precision" else meta.get(key)
+
     # -- the map store --------------------------------------------------------------------------
     def store_meta(self, checkpoint_hash: str, data_fingerprint: str,
                    image_size: tuple[int, int]) -> dict[str, Any]:
@@ -74,7 +100,7 @@ class ExplainSettings:
         import shap  # the version is part of a map's provenance
 
         return {"checkpoint_hash": checkpoint_hash, "data_fingerprint": data_fingerprint,
-                **self.explainer_kwargs(image_size), "shap_version": shap.__version__}
+                **self.identity(image_size), "shap_version": shap.__version__}
 
     @staticmethod
     def store_key(meta: dict[str, Any]) -> str:
@@ -102,10 +128,10 @@ class ExplainSettings:
         """Whether ``store`` holds maps of the checkpoint with these settings (and of the data
         with ``data_fingerprint``, when given)."""
         h, w, _ = store.map_shape
-        wanted = {"checkpoint_hash": checkpoint_hash, **self.explainer_kwargs((h, w))}
+        wanted = {"checkpoint_hash": checkpoint_hash, "precision": self.precision, **self.identity((h, w))}
         if data_fingerprint is not None:
             wanted["data_fingerprint"] = data_fingerprint
-        return all(store.meta.get(k) == v for k, v in wanted.items())
+        return all(self.recorded(store.meta, k) == v for k, v in wanted.items())
 
     def find_store(self, maps_root: str | Path, checkpoint_hash: str,
                    data_fingerprint: str | None = None) -> MapStore:
@@ -115,7 +141,8 @@ class ExplainSettings:
         found = [s for s in stores if self.matches(s, checkpoint_hash, data_fingerprint)]
         if not found:
             raise UserError(f"no map store in {root} for stage-1 checkpoint {checkpoint_hash[:12]} "
-                            f"with max_evals={self.max_evals}, engine={self.engine}; run "
+                            f"with max_evals={self.max_evals}, engine={self.engine}, "
+                            f"precision={self.precision}; run "
                             "`impactx explain` for it first")
         if len(found) > 1:
             raise UserError(f"several map stores in {root} fit checkpoint {checkpoint_hash[:12]} "

@@ -38,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 from impactx_ray.errors import UserError
-from impactx_ray.explain.batched import BatchedPartition
+from impactx_ray.explain.batched import BatchedPartition, auto_forward_batch
+from impactx_ray.explain.forward import DEFAULT_COMPILE, DEFAULT_PRECISION, ModelForward
 
 DEFAULT_MAX_EVALS = 2000
 #: ``"batched"``: shap's recursion for many images at once (the default); ``"shap"``: shap itself.
@@ -205,6 +206,9 @@ class TrueClassExplainer:
         seed: int = 0,
         engine: str = "shap",
         forward_batch: int | None = None,
+        precision: str = DEFAULT_PRECISION,
+        compile: str = DEFAULT_COMPILE,
+        channels_last: bool | None = None,
     ) -> None:
         c, h, w = image_shape
         self.masker = validate_masker(masker or default_masker(h, w))
@@ -216,6 +220,11 @@ class TrueClassExplainer:
         self.engine = check_engine(engine)
         self.model, self.max_evals, self.batch_size, self.seed = model, int(max_evals), int(batch_size), seed
         self.device, self.dtype = _model_device(model), dtype
+        if forward_batch is None:
+            forward_batch = auto_forward_batch(self.device)
+        # Both engines call the model through it (precision, layout); only the batched one compiles.
+        self.model_forward = ModelForward(model, self.device, dtype=dtype, precision=precision, compile=compile,
+                                          chunk=forward_batch, channels_last=channels_last)
         if self.engine == "shap":
             self.image_masker = _image_masker(self.masker, (h, w, c))
             self.explainer = shap.PartitionExplainer(self.predict, self.image_masker)
@@ -231,13 +240,13 @@ class TrueClassExplainer:
         The same channels-last view of the same values as :meth:`predict` hands the model.
         """
         with torch.no_grad():
-            return self.model(x_nhwc.permute(0, 3, 1, 2).to(dtype=self.dtype))
+            return self.model_forward(x_nhwc)
 
     def predict(self, x_hwc: np.ndarray) -> np.ndarray:
         """The wrapped function shap calls: N x H x W x C numpy -> N x K numpy logits."""
-        x = torch.from_numpy(np.ascontiguousarray(x_hwc)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.ascontiguousarray(x_hwc)).to(device=self.device)
         with torch.no_grad():
-            return self.model(x.to(device=self.device, dtype=self.dtype)).detach().cpu().numpy()
+            return self.model_forward.eager(x).detach().cpu().numpy()
 
     def check_labels(self, x_hwc: np.ndarray, labels: np.ndarray) -> None:
         """Raise UserError unless the model returns N x K logits and every label is in 0..K-1."""
@@ -276,6 +285,7 @@ class TrueClassExplainer:
         """
         labels = np.asarray(labels, dtype=np.int64)
         if self.engine == "batched":
+            self.model_forward.select(len(x_hwc) * self.max_evals)  # compile where it pays
             with torch.no_grad():
                 return self.batched.explain(x_hwc, labels, progress=progress)
         maps = np.zeros(x_hwc.shape, dtype=np.float32)
@@ -297,6 +307,8 @@ def explain_true_class(
     torch_threads: int | None = None,
     engine: str = DEFAULT_ENGINE,
     forward_batch: int | None = None,
+    precision: str = DEFAULT_PRECISION,
+    compile: str = DEFAULT_COMPILE,
 ) -> np.ndarray:
     """SHAP Partition maps of each image's true-class logit, float32 N x H x W x C.
 
@@ -309,13 +321,14 @@ def explain_true_class(
     images in lockstep, ``forward_batch`` masked images per model call) or ``"shap"`` (shap's
     explainer image by image, the reference); both give the same maps. ``forward_batch=None`` lets
     the engine choose (512 on CPU, 4096 on CUDA; see :func:`~impactx_ray.explain.batched.auto_forward_batch`).
+    ``precision`` (fp32, bf16, fp16) and ``compile`` (auto, on, off): see :mod:`impactx_ray.explain.forward`.
     """
     check_images(images)
     n, c, h, w = images.shape
     y = labels_array(labels, n)
     ex = TrueClassExplainer(
         model, (c, h, w), max_evals=max_evals, masker=masker, batch_size=batch_size, dtype=images.dtype, seed=seed,
-        engine=engine, forward_batch=forward_batch,
+        engine=engine, forward_batch=forward_batch, precision=precision, compile=compile,
     )
     if n == 0:
         return np.zeros((n, h, w, c), dtype=np.float32)
@@ -337,6 +350,8 @@ def explain_batch(
     forward_batch: int | None = None,
     engine: str = DEFAULT_ENGINE,
     progress: bool = False,
+    precision: str = DEFAULT_PRECISION,
+    compile: str = DEFAULT_COMPILE,
 ) -> np.ndarray:
     """Maps N x H x W x C float32 of the true class for a whole shard of N x H x W x C images.
 
@@ -352,6 +367,7 @@ def explain_batch(
     ex = TrueClassExplainer(
         model, (c, h, w), max_evals=max_evals, masker=masker, batch_size=batch_size,
         dtype=torch.from_numpy(x[:0]).dtype, seed=seed, engine=engine, forward_batch=forward_batch,
+        precision=precision, compile=compile,
     )
     if n == 0:
         return np.zeros(x.shape, dtype=np.float32)

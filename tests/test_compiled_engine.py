@@ -1,0 +1,212 @@
+"""The map engine's forward (``explain/forward.py``): compiled, reduced precision, channels-last.
+
+* Compiled maps equal shap's within 1e-5 of the map's scale at 32x32 and 96x96 (the compiled graph
+  runs at one static shape: the last chunk of every step is padded, which these cases exercise).
+* ``compile="auto"`` compiles only calls large enough to repay it; where torch.compile cannot run,
+  or fails, one line says so and the eager forward gives the maps.
+* ``precision`` is part of a map store's identity (fp32 stores keep the key they had before
+  precisions existed); ``compile`` is not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from impactx_ray.cli import main
+from impactx_ray.config import RunConfig
+from impactx_ray.data import load_dataset
+from impactx_ray.errors import UserError
+from impactx_ray.explain import ExplainSettings, MapStore, compute_store, explain_true_class
+from impactx_ray.explain import forward as fwd
+from impactx_ray.explain.shap_maps import TrueClassExplainer
+from impactx_ray.models import create_backbone
+
+needs_compiler = pytest.mark.skipif(fwd.compile_blocker(torch.device("cpu")) is not None,
+                                    reason="torch.compile cannot run here")
+
+
+def _model(name: str = "lenet5", size: int = 32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_backbone(name, 10, **({} if name == "lenet5" else {"input_size": size})).eval()
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    train, _ = load_dataset("digits")
+    return train.float_images(torch.arange(3)), train.labels[:3]
+
+
+def _images(digits, size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    x, y = digits
+    if size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return np.ascontiguousarray(x[:n].permute(0, 2, 3, 1).numpy()), y[:n].numpy()  # N x H x W x C
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return max(float(np.abs(a[i] - b[i]).max() / np.abs(b[i]).max()) for i in range(len(b)))
+
+
+def _explainer(model, hwc, **kw) -> TrueClassExplainer:
+    h, w, c = hwc.shape[1:]
+    kw = {"masker": f"blur({w // 4},{h // 4})", "batch_size": 50, **kw}
+    return TrueClassExplainer(model, (c, h, w), **kw)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("size", "max_evals", "forward_batch"), [(32, 400, 64), (96, 200, 64)])
+def test_compiled_maps_equal_shaps(digits, size, max_evals, forward_batch) -> None:
+    model = _model()
+    hwc, y = _images(digits, size, 2)
+    kw = {"max_evals": max_evals, "forward_batch": forward_batch}
+    compiled = _explainer(model, hwc, engine="batched", compile="on", **kw)
+    got = compiled.explain_many(hwc, y)
+    mf = compiled.model_forward
+    assert mf.compiled and mf._graph is not None and mf.graph_images > 0
+    assert mf.padded_images > 0  # 2 images x 50 masks a step = 64 + a tail of 36, padded to 64
+    ref = _explainer(model, hwc, engine="shap", **kw).explain_many(hwc, y)
+    assert np.abs(ref).max() > 0
+    assert _rel(got, ref) < 1e-5
+
+
+def test_auto_compiles_only_calls_that_repay_it(monkeypatch) -> None:
+    monkeypatch.setattr(fwd, "compile_blocker", lambda device: None)
+    f = fwd.ModelForward(_model(), torch.device("cpu"), compile="auto")
+    assert not f.select(fwd.AUTO_COMPILE_MIN_IMAGES - 1)
+    assert f.select(fwd.AUTO_COMPILE_MIN_IMAGES)  # e.g. a 128-map shard at 2000 evaluations
+    assert not fwd.ModelForward(_model(), torch.device("cpu"), compile="off").select(10**9)
+    assert fwd.ModelForward(_model(), torch.device("cpu"), compile="on").select(1)
+    # on CUDA, auto keeps fp32 (the shap-exact setting) eager and compiles reduced precision
+    assert not fwd.ModelForward(_model(), torch.device("cuda"), compile="auto").select(10**9)
+    assert fwd.ModelForward(_model(), torch.device("cuda"), compile="auto", precision="bf16").select(10**9)
+    # what a store shard or a single map asks for, through the explainer
+    ex = _explainer(_model(), np.zeros((1, 32, 32, 3), np.float32), engine="batched", max_evals=2000)
+    assert ex.model_forward.compile_mode == "auto" and 128 * 2000 >= fwd.AUTO_COMPILE_MIN_IMAGES > 2000
+
+
+def test_no_compiler_says_so_once_and_runs_eager(digits, monkeypatch, capfd) -> None:
+    monkeypatch.setattr(fwd, "compile_blocker", lambda device: "no C++ compiler found (tried g++; set CXX)")
+    monkeypatch.setattr(fwd, "_said", set())
+    model = _model()
+    hwc, y = _images(digits, 32, 1)
+    kw = {"engine": "batched", "max_evals": 100}
+    eager = _explainer(model, hwc, compile="off", **kw).explain_many(hwc, y)
+    for _ in range(2):
+        ex = _explainer(model, hwc, compile="on", **kw)
+        assert np.array_equal(ex.explain_many(hwc, y), eager)
+        assert not ex.model_forward.compiled
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["impactx: torch.compile unavailable (no C++ compiler found (tried g++; set CXX)); "
+                   "the map engine runs the eager forward"]
+
+
+def test_failed_compile_says_why_and_runs_eager(digits, monkeypatch, capfd) -> None:
+    def broken(module, **kw):
+        def run(x):
+            raise RuntimeError("inductor exploded\nmore detail")
+        return run
+
+    monkeypatch.setattr(fwd, "compile_blocker", lambda device: None)
+    monkeypatch.setattr(fwd, "_said", set())
+    monkeypatch.setattr(torch, "compile", broken)
+    model = _model()
+    hwc, y = _images(digits, 32, 1)
+    kw = {"engine": "batched", "max_evals": 100, "forward_batch": 64}  # 50 masks a step: one padded chunk
+    ex = _explainer(model, hwc, compile="on", **kw)
+    got = ex.explain_many(hwc, y)  # eager from the first chunk on: on padded chunks, so to rounding
+    assert _rel(got, _explainer(model, hwc, compile="off", **kw).explain_many(hwc, y)) < 1e-5
+    assert ex.model_forward.compile_mode == "off"
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["impactx: torch.compile failed (RuntimeError: inductor exploded); the map engine runs the "
+                   "eager forward"]
+
+
+class SmallConv(torch.nn.Module):
+    """Conv -> ReLU -> pool -> linear, with weights large enough that blurring moves the logits by
+    ~1 (far above bf16's rounding), and cheap under CPU autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8 * 4 * 4, 10)
+        with torch.no_grad():
+            self.conv.weight.mul_(20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4).flatten(1))
+
+
+def test_reduced_precision_changes_maps_a_little(digits) -> None:
+    """bf16 and fp16 maps are close to fp32's but not equal; the logits handed on are float32."""
+    model = SmallConv().eval()
+    hwc, y = _images(digits, 32, 2)
+    kw = {"engine": "batched", "max_evals": 200}
+    fp32 = _explainer(model, hwc, **kw).explain_many(hwc, y)
+    for precision in ("bf16", "fp16"):
+        ex = _explainer(model, hwc, precision=precision, **kw)
+        maps = ex.explain_many(hwc, y)
+        assert ex.forward(torch.from_numpy(hwc)).dtype == torch.float32
+        assert not np.array_equal(maps, fp32) and np.isfinite(maps).all()
+        for a, b in zip(maps, fp32):
+            assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+
+def test_channels_last_copy_gives_the_same_logits_and_leaves_the_model() -> None:
+    model = _model("mobilenetv2_050", 32)
+    x = torch.rand(4, 32, 32, 3)
+    plain = fwd.ModelForward(model, torch.device("cpu"), channels_last=False)
+    cl = fwd.ModelForward(model, torch.device("cpu"), channels_last=True)
+    with torch.no_grad():
+        torch.testing.assert_close(cl(x), plain(x), rtol=1e-4, atol=1e-5)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()  # the caller's model keeps its layout
+    assert cl.net is not model
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [({"precision": "fp8"}, "precision='fp8'"),
+                                                ({"compile": "yes"}, "compile='yes'")])
+def test_bad_settings_are_one_line_errors(kwargs, needle) -> None:
+    with pytest.raises(UserError, match=needle):
+        ExplainSettings(**kwargs)
+    with pytest.raises(UserError, match=needle):
+        _explainer(_model(), np.zeros((1, 32, 32, 3), np.float32), **kwargs)
+    with pytest.raises(UserError, match="--" + needle.split("=")[0]):
+        RunConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--precision", "fp8"), ("--compile", "maybe")])
+def test_bad_flags_exit_2_on_one_line(tmp_path, capsys, flag, value) -> None:
+    out = tmp_path / "run"
+    code = main(["run", "--out", str(out), "--epochs", "1", "--max-evals", "40", "--quiet", flag, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and value in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_precision_is_part_of_a_stores_identity_and_compile_is_not(tmp_path, digits) -> None:
+    x, y = digits
+    hwc = (32, 32, 3)
+    fp32, bf16 = ExplainSettings(max_evals=20), ExplainSettings(max_evals=20, precision="bf16")
+    meta = fp32.store_meta("ckpt", "data", (32, 32))
+    # fp32 meta is what it was before precisions existed: old stores keep their key
+    assert set(meta) == {"checkpoint_hash", "data_fingerprint", "masker", "max_evals", "batch_size", "seed",
+                         "engine", "shap_version"}
+    assert ExplainSettings(max_evals=20, compile="off").store_meta("ckpt", "data", (32, 32)) == meta
+    assert bf16.store_meta("ckpt", "data", (32, 32))["precision"] == "bf16"
+    assert fp32.store_key(meta) != bf16.store_key(bf16.store_meta("ckpt", "data", (32, 32)))
+    store = MapStore.create_or_open(tmp_path / "s", meta=meta, num_maps=3, map_shape=hwc)
+    assert fp32.matches(store, "ckpt") and not bf16.matches(store, "ckpt")
+    with pytest.raises(UserError, match="precision='fp32', not precision='bf16'"):
+        compute_store(store, _model(), x, y, bf16, progress=False)
+    compute_store(store, _model(), x, y, ExplainSettings(max_evals=20, compile="off"), progress=False)
+    assert store.missing_shards() == []
+
+
+def test_explain_true_class_takes_precision_and_compile(digits) -> None:
+    x, y = digits
+    kw = {"max_evals": 40, "progress": False, "masker": "blur(8,8)"}
+    a = explain_true_class(_model(), x[:1], y[:1], compile="off", **kw)
+    b = explain_true_class(_model(), x[:1], y[:1], compile="auto", precision="fp32", **kw)
+    assert np.array_equal(a, b)  # auto does not compile a 40-evaluation map
