@@ -59,16 +59,16 @@ class RunConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        _check_int("--batch-size", self.batch_size, minimum=1)
-        _check_int("--epochs", self.epochs, minimum=1)
+        check_int("--batch-size", self.batch_size, minimum=1)
+        check_int("--epochs", self.epochs, minimum=1)
         if self.stage2_epochs is not None:
-            _check_int("--stage2-epochs", self.stage2_epochs, minimum=1)
-        _check_int("--max-evals", self.max_evals, minimum=1)
-        _check_int("--shap-batch-size", self.shap_batch_size, minimum=1)
-        _check_int("--image-size", self.image_size, minimum=8)
-        _check_int("--refresh-every", self.refresh_every, minimum=1)
+            check_int("--stage2-epochs", self.stage2_epochs, minimum=1)
+        check_int("--max-evals", self.max_evals, minimum=1)
+        check_int("--shap-batch-size", self.shap_batch_size, minimum=1)
+        check_int("--image-size", self.image_size, minimum=8)
+        check_int("--refresh-every", self.refresh_every, minimum=1)
         if self.input_size is not None:
-            _check_int("--input-size", self.input_size, minimum=8)
+            check_int("--input-size", self.input_size, minimum=8)
         # numpy's RandomState (the split, shap's tie-breaks) takes seeds in [0, 2**32)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
@@ -158,7 +158,9 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_int(flag: str, value: Any, *, minimum: int) -> None:
+def check_int(flag: str, value: Any, *, minimum: int) -> None:
+    """UserError ``<flag> must be an integer >= <minimum>, got <value>`` unless it is one (bools
+    are not); shared by RunConfig and the sweep's search settings."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise UserError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from impactx_ray.config import check_int
 from impactx_ray.errors import UserError
 from impactx_ray.sweep.spaces import COMPARISON_METHODS, Cell, Space, stage1_space, stage2_space
 
@@ -44,12 +45,10 @@ class SearchSpec:
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, "
                             f"got {self.scheduler!r}")
-        for flag, value, minimum in (("--num-samples", self.num_samples, 1),
-                                     ("--max-concurrent", self.max_concurrent, 1),
-                                     ("--grace-period", self.grace_period, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < minimum):
-                raise UserError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+        check_int("--num-samples", self.num_samples, minimum=1)
+        check_int("--grace-period", self.grace_period, minimum=1)
+        if self.max_concurrent is not None:
+            check_int("--max-concurrent", self.max_concurrent, minimum=1)
         if not self.reduction_factor > 1:
             raise UserError(f"--reduction-factor must be > 1, got {self.reduction_factor!r}")
 
