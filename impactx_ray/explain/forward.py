@@ -28,6 +28,7 @@ Plain PyTorch: no Ray, no MLflow, no shap.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -82,6 +83,9 @@ def compile_blocker(device: torch.device) -> str | None:
         return None if has_triton() else "Triton is not installed"
     if device.type != "cpu":
         return f"the engine compiles for cpu and cuda only, not {device.type}"
+    # inductor's CPU build logs "No CUDA runtime is found, using CUDA_HOME=..." as a warning on
+    # every machine without a GPU: true, and of no use to someone computing maps on a CPU
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch._inductor import cpp_builder
 
     try:
