@@ -109,25 +109,25 @@ def get_method(name: str) -> Method:
 def _fit_baseline(i: TrainInputs, _: None) -> StageResult:
     return train_stage1(i.cfg, i.data, i.train_idx, i.val_idx, device=i.device,
                         on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
-                        on_state=i.on_state)
+                     on_state=i.on_state)
 
 
 def _fit_impactx(i: TrainInputs, m: Backbone) -> StageResult:
     return train_stage2(i.cfg, m, i.data, i.maps, i.train_idx, i.val_idx, device=i.device,
                         on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
-                        on_state=i.on_state)
+                     on_state=i.on_state)
 
 
 def _fit_abn(i: TrainInputs, _: None) -> StageResult:
     return train_abn(i.cfg, i.data, i.train_idx, i.val_idx, device=i.device,
                      on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
-                        on_state=i.on_state)
+                     on_state=i.on_state)
 
 
 def _fit_wae(i: TrainInputs, m: Backbone) -> StageResult:
     return train_wae(i.cfg, m, i.data, i.maps, i.train_idx, i.val_idx, device=i.device,
                      on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
-                        on_state=i.on_state)
+                     on_state=i.on_state)
 
 
 def _fit_single_stage(i: TrainInputs, _: None) -> StageResult:
@@ -137,7 +137,7 @@ def _fit_single_stage(i: TrainInputs, _: None) -> StageResult:
     kwargs = ExplainSettings.from_config(i.cfg).explainer_kwargs(i.data.image_size)
 
     def maps_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-        return explain_true_class(model, x, y, progress=False, **kwargs)
+        return explain_true_class(model, x, y, progress=i.progress, **kwargs)  # a bar per refresh
 
     return train_single_stage(i.cfg, i.data, i.train_idx, i.val_idx, maps_of, device=i.device,
                               on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,

@@ -74,6 +74,9 @@ def train_single_stage(cfg: RunConfig, train: ImageData, train_idx: Tensor, val_
         targets = resume["targets"].clone()
     else:
         targets = torch.empty(len(train), int(train.images.shape[1]), h, w)  # N×C×H×W
+        if progress:
+            print(f"single stage: maps of all {len(train)} training images from the initial A, "
+                  f"then of 1/{every} of them after each epoch", flush=True)
         seconds = refresh(model, explain, train, targets, torch.arange(len(train)), device=device)
         if progress:
             print(f"single stage: {len(train)} maps of the initial A in {seconds:.1f} s", flush=True)
