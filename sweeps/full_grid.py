@@ -72,6 +72,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial")
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even when trials "
                    "failed (the sweep always goes on without them)")
+    p.add_argument("--strict", action="store_true", help="refuse unreadable image files in "
+                   "an imagefolder: dataset (default: skip them with a warning naming each)")
     p.add_argument("--morf-images", type=int, help="test images for the MoRF comparison "
                    "(default 200; smoke 50; 0 skips it)")
     p.add_argument("--replacement", nargs="+", choices=REPLACEMENTS,
@@ -171,13 +173,15 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
         args.out, cell_list, smoke=args.smoke, full_stage2=args.stage2_space == "full",
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial or 0.0,
         map_workers=args.map_workers, max_failures=args.max_failures, morf_images=morf_images,
-        name=args.name, restart=args.restart, search=args.search_spec,
+        name=args.name, restart=args.restart, search=args.search_spec, strict=args.strict,
         replacements=tuple(args.replacement), comparison=tuple(args.comparison), **base)
     from impactx_ray.data import load_dataset
 
     for name in dict.fromkeys(c.dataset for c in cell_list):  # missing data: fail before Ray
+        # (skipped unreadable files are said by each cell, which loads the data again)
         load_dataset(name, base["data_root"], download=base.get("download", False),
-                     image_size=base.get("image_size", 32))
+                     image_size=base.get("image_size", 32), strict=args.strict,
+                     warn=lambda _: None)
 
     sweep = claim_out(opts)  # resume only with the same settings: checked before Ray starts
     # Trials checkpoint every epoch (to resume mid-trial), which makes Tune snapshot its

@@ -29,6 +29,8 @@ from impactx_ray.lock import LOCK_NAME, DirLock
 from impactx_ray.methods import BASELINE, METHODS, ModelSpec, checkpoint_meta
 from impactx_ray.train.checkpoint import save_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
+
 CFG = RunConfig(model="lenet5", dataset="digits", epochs=1, max_evals=40)
 DONE = {"val_accuracy": 0.1, "best_epoch": 1, "seconds": 0.0}
 
@@ -328,6 +330,19 @@ def test_unreadable_images_in_a_run_are_warned_about_or_refused_with_strict(tmp_
     assert "impactx: warning: skipped 4 unreadable image files of 10" in err
     result = json.loads((out / "result.json").read_text())
     assert any(w.startswith("skipped 4 unreadable image files") for w in result["warnings"])
+
+
+def test_a_sweep_with_strict_refuses_unreadable_images_before_ray(tmp_path):
+    broken_images(tmp_path / "imgs")
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "full_grid.py"), "--smoke",
+                           "--datasets", f"imagefolder:{tmp_path / 'imgs'}", "--strict",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("full_grid.py: error: image file ") and "drop --strict" in line
+    assert not out.exists()  # refused before the sweep claimed its directory or started Ray
 
 
 def test_a_one_class_image_folder_is_refused(tmp_path, capsys):

@@ -62,6 +62,7 @@ class SweepOptions:
     max_failures: int = 0
     name: str | None = None               # the sweep's name (default: from --out)
     restart: bool = False                 # start afresh, the old results kept aside
+    strict: bool = False                  # refuse unreadable image files (default: skip, warn)
     search: SearchSpec = field(default_factory=SearchSpec)  # grid (the paper's) or optuna, ±asha
     log: Callable[[str], None] = field(default=print)
 
@@ -228,8 +229,12 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     base = RunConfig.from_dict({**opts.base, "model": cell.model, "dataset": cell.dataset})
     tracker.params(cell_run, {"model": cell.model, "dataset": cell.dataset})
     # Loaded once, in the driver, before any trial: missing data fails here.
+    data_warnings: list[str] = []  # skipped unreadable image files, said now and in the row
     train, test = load_dataset(base.dataset, base.data_root, download=base.download,
-                               image_size=base.image_size)
+                               image_size=base.image_size, strict=opts.strict,
+                               warn=data_warnings.append)
+    for warning in data_warnings:
+        opts.log(f"{cell.name}: warning: {warning}")
     spec = ModelSpec.of(base, train)
     base_dict = {**base.to_dict(), "download": False}
 
@@ -240,9 +245,10 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
              f"test acc {m1['test_accuracy']:.4f}")
     winner_cfg = RunConfig.from_dict({**base_dict, **p1})
     maps = compute_maps(opts, winner_cfg, cell, ckpt1, train)
-    warnings = winner_warnings(m1[METRIC], train, winner_cfg, maps)  # chance level, flat maps
-    for warning in warnings:
+    found = winner_warnings(m1[METRIC], train, winner_cfg, maps)  # chance level, flat maps
+    for warning in found:
         opts.log(f"{cell.name}: warning: {warning}")
+    warnings = data_warnings + found
     if warnings:
         tracker.tags(cell_run, {"impactx.warnings": "\n".join(warnings)})
     log_winner(tracker, s1_run, p1, m1, load_stage1(ckpt1, spec))
