@@ -32,6 +32,7 @@ from impactx_ray.io import file_sha256, write_json
 from impactx_ray.lock import hold
 from impactx_ray.methods import METHODS, ModelSpec, get_method, load_model, load_stage1
 from impactx_ray.sweep.identity import SweepIdentity, claim
+from impactx_ray.sweep.morf_task import morf_task
 from impactx_ray.sweep.progress import StageProgress
 from impactx_ray.sweep.report import write_summary
 from impactx_ray.sweep.search import SearchSpec, stopped_early, tune_plan
@@ -294,26 +295,6 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     tracker.finish(cell_run)
     write_json(opts.out / "cells" / cell.name / "result.json", row, sort_keys=False)
     return row
-
-
-def morf_task(out: str, cfg: dict[str, Any], test: ImageData, impactx_ckpt: Path,
-              abn_ckpt: Path | None, n: int,
-              replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS) -> dict[str, Any]:
-    """MoRF and LeRF of IMPACTX's and ABN's maps, SHAP of each and random, per replacement, and
-    the sanity checks, on ``n`` test images; curves, ``morf.json`` and figures written to ``out``.
-    Run as a Ray task with a trial's resources (a GPU if trials get one), not in the driver,
-    whose node may have none."""
-    from impactx_ray.eval.compare import morf_comparison, write_morf
-    from impactx_ray.train import resolve_device
-
-    run_cfg = RunConfig.from_dict(cfg)
-    spec, device = ModelSpec.of(run_cfg, test), resolve_device("auto")
-    abn = load_model(abn_ckpt, spec, METHODS["abn"])[0] if abn_ckpt is not None else None
-    impactx = load_model(impactx_ckpt, spec, METHODS["impactx"])[0]
-    curves, maps, x, y = morf_comparison(impactx, test, ExplainSettings.from_config(run_cfg),
-                                         abn=abn, n=n, seed=run_cfg.seed, device=device,
-                                         progress=False, replacements=tuple(replacements))
-    return write_morf(Path(out), curves, maps, x, y, test.classes)
 
 
 def morf_for_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, cell_run: str,
