@@ -20,7 +20,7 @@ boolean tensors, each its context mask (a row of the image's mask arena) OR the 
 (every node of shap's image tree is an axis-aligned box of the H x W x C feature grid: a row of a
 precomputed table, or built from the box); the blur masking is a vectorised ``where`` on the
 model's device; all masked images go through the model in chunks of ``forward_batch``; the
-per-node queue work is plain Python floats and ``heapq``, not NumPy scalars.
+per-node queue work is compiled by numba (``owen.py``), not Python over NumPy scalars.
 
 Only ``blur(kx,ky)`` maskers are supported: the blurred image is computed once per image with
 ``cv2.blur`` exactly as shap's masker does, so masked inputs are bit-identical to shap's. Maps then
@@ -34,7 +34,6 @@ Plain NumPy/PyTorch (+ shap's tree, cv2's blur); no Ray, no MLflow.
 from __future__ import annotations
 
 import functools
-import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ import numpy as np
 import shap
 import torch
 from tqdm import tqdm
+
+from impactx_ray.explain import owen
 
 
 def auto_forward_batch(device: torch.device) -> int:
@@ -173,71 +174,6 @@ class NodeMasks:
         return self._build(nodes) if self.table is None else self.table.index_select(0, nodes)
 
 
-class _Owen:
-    """One image's state in shap's ``owen`` loop: its heap, tie-breaker RNG, values and budget.
-
-    Heap items are ``(priority, tie, ctx_row, f00, f11, node, weight)``: shap's
-    ``(priority, randn, (m00, f00, f11, ind, weight))`` with the context mask m00 kept as a row of
-    the image's mask arena. Keys are unique (random ties), so any heap pops in shap's order.
-    """
-
-    __slots__ = ("dv", "heap", "rng", "evals", "budget", "tasks")
-
-    def __init__(self, f00: float, f11: float, root: int, budget: int, seed: int, num_nodes: int) -> None:
-        self.dv = [0.0] * num_nodes
-        self.heap = [(0, 0, 0, f00, f11, root, 1.0)]  # arena row 0 is the all-False mask
-        self.rng = np.random.RandomState(seed)
-        self.evals, self.budget = 0, budget
-        self.tasks: list[tuple] = []
-
-    def select(self, batch_size: int, expand: list[bool]) -> bool:
-        """Pop this step's nodes as shap does; False once the image is finished.
-
-        shap pops while ``len(masks) < batch_size and evals + len(masks) < budget``, two masks per
-        expanded node; a popped leaf only adds its value. Past the budget, every queued node adds
-        ``(f11 - f00) * weight`` to its own value and the recursion ends.
-        """
-        heap, dv, pop = self.heap, self.dv, heapq.heappop
-        self.tasks = []
-        if not heap:
-            return False
-        if self.evals >= self.budget:
-            for _, _, _, f00, f11, ind, w in sorted(heap):  # pop order: the keys are unique
-                dv[ind] += (f11 - f00) * w
-            heap.clear()
-            return False
-        limit = min(-(-batch_size // 2), -(-(self.budget - self.evals) // 2))  # ceil divisions
-        while heap and len(self.tasks) < limit:
-            item = pop(heap)
-            if expand[item[5]]:
-                self.tasks.append(item)
-            else:
-                dv[item[5]] += (item[4] - item[3]) * item[6]
-        return bool(self.tasks) or bool(heap)
-
-    def update(self, fout: list[float], left: list[int], right: list[int]) -> None:
-        """Push the children of this step's nodes, given f10, f01 per node (interleaved in ``fout``).
-
-        Same arithmetic and the same four ``randn`` draws per node, in shap's order.
-        """
-        heap, dv, push = self.heap, self.dv, heapq.heappush
-        ties = self.rng.randn(4 * len(self.tasks)).tolist()  # == 4 * k scalar randn() calls
-        row = self.evals + 1  # arena rows of this step's masks: m10, m01 per node
-        for j, (_, _, ctx, f00, f11, ind, w) in enumerate(self.tasks):
-            f10, f01 = fout[2 * j], fout[2 * j + 1]
-            lind, rind = left[ind], right[ind]
-            r10, r01 = row + 2 * j, row + 2 * j + 1
-            nw = w / 2
-            d = (f11 - f10 - f01 + f00) * w
-            dv[ind] += d
-            push(heap, (-abs(f10 - f00) * nw, ties[4 * j], ctx, f00, f10, lind, nw))
-            push(heap, (-abs(f01 - f00) * nw, ties[4 * j + 1], ctx, f00, f01, rind, nw))
-            dv[ind] -= d
-            push(heap, (-abs(f11 - f01) * nw, ties[4 * j + 2], r01, f01, f11, lind, nw))
-            push(heap, (-abs(f11 - f10) * nw, ties[4 * j + 3], r10, f10, f11, rind, nw))
-        self.evals += 2 * len(self.tasks)
-
-
 class BatchedPartition:
     """shap's Partition explainer (blur masker, ``fixed_context=None``) for many images at once.
 
@@ -271,8 +207,6 @@ class BatchedPartition:
         self.forward_seconds, self.forward_images = 0.0, 0
         self.node_masks = NodeMasks(self.tree, self.device)
         self._arena_cache: torch.Tensor | None = None
-        # Python lists: the per-node loops index them ~10x faster than NumPy arrays.
-        self._left, self._right, self._expand = (a.tolist() for a in (self.tree.left, self.tree.right, self.tree.expand))
 
     def explain(self, images_hwc: np.ndarray, labels: np.ndarray, progress: bool = False) -> np.ndarray:
         """Maps N x H x W x C (float32) of logit ``labels[i]`` of each image N x H x W x C."""
@@ -304,33 +238,30 @@ class BatchedPartition:
         # shap evaluates f(fully masked) then f(x) before the recursion; one forward for all images.
         base = self._logits(torch.cat([xb, x]), torch.cat([y, y]))
         budget = self.max_evals - 2  # shap's explain_row passes max_evals - 2 to owen
-        states = [_Owen(base[i], base[n + i], tree.root, budget, self.seed, 2 * tree.m - 1) for i in range(n)]
+        q = owen.new_queues(np.asarray(base[:n]), np.asarray(base[n:]), tree.root, budget)
+        # shap seeds the global generator per image; each image owns one seeded the same way
+        rngs = [np.random.RandomState(self.seed) for _ in range(n)]
+        dvalues = np.zeros((n, 2 * tree.m - 1))  # n x (2M-1), float64 as shap's
+        tasks = np.zeros((n, max(1, -(-self.batch_size // 2))), dtype=np.int64)  # popped slots
+        ntasks = np.zeros(n, dtype=np.int64)
+        queue = (q["heap"], q["size"], q["prio"], q["tie"])
+        fields = (q["ctx"], q["f00"], q["f11"], q["node"], q["w"])
         arena = self._arena(n)
-        active = list(range(n))
-        while active:
-            active = [i for i in active if states[i].select(self.batch_size, self._expand)]
-            # Two masks per popped node, in shap's order (m10 then m01), image after image.
-            img, ctx, node, row = [], [], [], []
-            for i in active:
-                st = states[i]
-                k = len(st.tasks)
-                if not k:
-                    continue
-                parent = np.fromiter((t[5] for t in st.tasks), dtype=np.int64, count=k)
-                img.append(np.full(2 * k, i))
-                ctx.append(np.repeat(np.fromiter((t[2] for t in st.tasks), dtype=np.int64, count=k), 2))
-                node.append(np.stack([tree.left[parent], tree.right[parent]], axis=1).ravel())  # 2k
-                row.append(np.arange(st.evals + 1, st.evals + 1 + 2 * k))
-            if not img:
+        active = np.arange(n)
+        while len(active):
+            going = owen.select(active, self.batch_size, budget, tree.expand, dvalues, *queue,
+                                q["f00"], q["f11"], q["node"], q["w"], q["evals"], tasks, ntasks)
+            active = active[going]
+            if not ntasks[active].any():
                 continue
-            fout = self._evaluate(x, xb, y, arena, *map(np.concatenate, (img, ctx, node, row)))
-            pos = 0
-            for i in active:
-                st = states[i]
-                k = 2 * len(st.tasks)
-                st.update(fout[pos : pos + k], self._left, self._right)
-                pos += k
-        dvalues = np.array([st.dv for st in states], dtype=np.float64)  # n x (2M-1)
+            # Two masks per popped node, in shap's order (m10 then m01), image after image.
+            masks = owen.masks_to_evaluate(active, tasks, ntasks, q["ctx"], q["node"], q["evals"],
+                                           tree.left, tree.right)
+            fout = np.asarray(self._evaluate(x, xb, y, arena, *masks), dtype=np.float64)
+            ties = np.concatenate([rngs[i].randn(4 * ntasks[i]) for i in active])  # 4 per node
+            owen.update(active, fout, ties, tasks, ntasks, dvalues, q["heap"], q["size"],
+                        q["used"], q["prio"], q["tie"], *fields, q["evals"], tree.left,
+                        tree.right)
         return lower_credit(dvalues, tree).reshape(n, h, w, c).astype(np.float32)
 
     def _arena(self, n: int) -> torch.Tensor:
