@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 from functools import partial
 from pathlib import Path
 
@@ -80,6 +81,12 @@ def test_two_workers_equal_one_process_despite_a_killed_worker(ray_local, inputs
             pid = int(sorted(pid_dir.glob("*.pid"))[0].stem)
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
+            # Hold the driver until Ray has restarted the actor (its __init__ leaves a new pid):
+            # otherwise the other worker may finish every shard first and the pool closes the
+            # restart unseen (it did, once the engine got faster)
+            deadline = time.monotonic() + 120
+            while len(list(pid_dir.glob("*.pid"))) < 3 and time.monotonic() < deadline:
+                time.sleep(0.2)
 
     store = new_store(tmp_path / "maps", *inputs)
     run_ray(store, inputs, build=build, on_shard=kill_one_worker)
