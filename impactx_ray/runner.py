@@ -261,10 +261,8 @@ class Run:
                                              abn=models.get("abn"), n=n, seed=self.cfg.seed,
                                              device=self.device, progress=self.progress,
                                              replacements=replacements)
-        summary = {"impactx_method": name,
-                   **write_morf(self.dir.morf, curves, maps, x, y, test.classes)}
-        write_json(self.dir.morf / "morf.json", summary, sort_keys=False)  # says which IMPACTX
-        return summary
+        return write_morf(self.dir.morf, curves, maps, x, y, test.classes,
+                          about={"impactx_method": name})
 
     def say(self, msg: str) -> None:
         if self.progress:

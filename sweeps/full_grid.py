@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from impactx_ray.errors import UserError
-from impactx_ray.eval.road import REPLACEMENTS
 from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides, positive_int
 from impactx_ray.sweep.search import SCHEDULERS, SEARCHES, SearchSpec, budget
 from impactx_ray.sweep.spaces import (COMPARABLE_METHODS, COMPARISON_METHODS, DEFAULT_REPLACEMENTS,
@@ -76,7 +75,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "an imagefolder: dataset (default: skip them with a warning naming each)")
     p.add_argument("--morf-images", type=int, help="test images for the MoRF comparison "
                    "(default 200; smoke 50; 0 skips it)")
-    p.add_argument("--replacement", nargs="+", choices=REPLACEMENTS,
+    # checked by options_from (and --dry-run): eval.road's names, without importing torch here
+    p.add_argument("--replacement", nargs="+", metavar="{noise,blur,road}",
                    default=list(DEFAULT_REPLACEMENTS), help="what replaces removed regions in "
                    "the MoRF/LeRF curves: noise (the paper's; default), blur, road (ROAD's noisy "
                    "linear imputation); several give a comparison each")
@@ -129,11 +129,16 @@ def main(argv: list[str] | None = None) -> int:
 def dry_run(args: argparse.Namespace, cell_list: list) -> int:
     """Check the names, say which data is missing, print every stage's trial count; no Ray."""
     from impactx_ray.data import check_data_present, check_dataset_name
+    from impactx_ray.eval.road import REPLACEMENTS
     from impactx_ray.models import check_backbone_name
 
     for cell in cell_list:
         check_backbone_name(cell.model)
         check_dataset_name(cell.dataset)
+    unknown = [r for r in args.replacement if r not in REPLACEMENTS]
+    if unknown:
+        raise UserError(f"--replacement: unknown {unknown[0]!r}; use one or more of "
+                        f"{', '.join(REPLACEMENTS)}")
     spec: SearchSpec = args.search_spec
     small = args.smoke and spec.search == "grid"
     if spec.search == "grid":

@@ -160,10 +160,11 @@ def choose_examples(curves: MorfCurves, labels: Tensor, k: int) -> np.ndarray:
 
 def write_morf(out: Path, curves: dict[str, np.ndarray], maps: dict[str, np.ndarray],
                images: Tensor, labels: Tensor, class_names: list[str],
-               examples: int = 6) -> dict[str, Any]:
+               examples: int = 6, about: dict[str, Any] | None = None) -> dict[str, Any]:
     """Curves as ``.npy``, ``morf.json`` (AOPC of the paper's MoRF; per replacement AOPC,
     AUC(MoRF), AUC(LeRF) and SRG with 95% CIs; the sanity checks), the figures; returns the
-    summary. ``curves`` as :func:`morf_comparison` returns them."""
+    summary. ``curves`` as :func:`morf_comparison` returns them; ``about`` (e.g. which model was
+    compared) leads the summary."""
     from impactx_ray.eval.figures import plot_mean_morf, plot_paper_examples
 
     if not isinstance(curves, MorfCurves):
@@ -190,7 +191,7 @@ def write_morf(out: Path, curves: dict[str, np.ndarray], maps: dict[str, np.ndar
         name = "morf_mean.png" if r == next(iter(curves.by)) else f"morf_mean_{r}.png"
         figures.append(plot_mean_morf(out / name, orders["morf"], lerf=orders["lerf"], title=r))
     first = next(iter(curves.by))
-    summary = {"aopc": {m: metrics[first][m]["aopc"]["mean"] for m in curves},
+    summary = {**(about or {}), "aopc": {m: metrics[first][m]["aopc"]["mean"] for m in curves},
                "images": int(len(images)),
                "steps": int(next(iter(curves.values())).shape[1] - 1),
                "region": curves.region, "seed": curves.seed,

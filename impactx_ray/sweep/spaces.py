@@ -79,7 +79,7 @@ def cells(models: tuple[str, ...] = PAPER_MODELS,
 # paper's); single-stage IMPACTX (§3.3, not run in the paper) joins them when asked: it
 # recomputes the training set's maps as it trains, so it costs a map budget per refresh.
 COMPARISON_METHODS = ("abn", "wae")
-# name: title (the method table's; kept here so that --dry-run imports neither torch nor Ray)
+# name: title (the method table's; kept here so that full_grid.py parses its flags without torch)
 COMPARABLE_METHODS = {"abn": "ABN", "wae": "WAE", "impactx_single": "IMPACTX single-stage"}
 # What replaces the removed regions in the MoRF/LeRF curves: the paper's noise.
 DEFAULT_REPLACEMENTS = ("noise",)
