@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from impactx_ray.eval import morf_curve, random_maps
-from impactx_ray.eval.sanity import (CascadingRandomization, beats_random, cascade_layers,
-                                     rank_correlation)
+from impactx_ray.eval.sanity import CascadingRandomization, beats_random, cascade_layers, rank_correlation
 from impactx_ray.models import ImpactX, create_backbone
 
 CORNERS = ((0, 0), (0, 24), (24, 0), (24, 24))
@@ -81,6 +80,11 @@ def test_cascade_goes_from_the_top_of_the_lep_then_m_then_d(trained):
 
 def test_trained_impactx_passes_both_checks(trained):
     x, y, _ = _markers(48, seed=5)
+    # Margins measured over 12 seeds (init, data, shuffling) × 1 and 2 threads, worst case in
+    # brackets: accuracy [1.0], the random control's CI low end [0.085], the final correlation
+    # [0.243]. How much randomizing the LEP alone changes the maps depends on where training lands
+    # (its correlation ranged 0.48–0.995: D's learned prior of the four corners can carry the
+    # map), so that is not asserted; that D's randomization takes the rest is [0.497].
     with torch.no_grad():
         assert (trained(x).argmax(1) == y).float().mean() > 0.9
     own = trained.explain(x).detach()
@@ -91,8 +95,9 @@ def test_trained_impactx_passes_both_checks(trained):
     cascade = CascadingRandomization(trained)(x)
     assert cascade["passed"] and cascade["final_rank_correlation"] < 0.5
     rows = {r["layer"]: r["rank_correlation"]["mean"] for r in cascade["layers"]}
-    # the LEP's top layer alone already changes the maps (what remains is D's prior) ...
-    assert rows["lep.fc"] < 0.9 and cascade["after_lep_and_m"] < 0.9
+    # what is left of the map once the LEP and M are random is D's prior, which D's own
+    # randomization then destroys ...
+    assert cascade["after_lep_and_m"] - cascade["final_rank_correlation"] > 0.25
     # ... and D(LEP(x)) does not read M: once the LEP is random, randomizing M changes nothing
     assert rows["M.head"] == pytest.approx(rows["lep.trunk.conv.0"])
     assert all(torch.equal(a, b) for a, b in zip(before, trained.parameters()))  # a copy was used
@@ -101,6 +106,8 @@ def test_trained_impactx_passes_both_checks(trained):
 def test_maps_that_ignore_the_weights_fail_randomization(trained):
     x, y, _ = _markers(48, seed=5)
     fake = BrightnessMaps(trained).eval()
+    # (over the 24 seed and thread runs above: the control's CI low end >= 0.064, the final
+    # correlation exactly 1.0)
     # brightness finds the marker, so the random control alone cannot tell ...
     verdict = beats_random(morf_curve(fake, x, y, fake.explain(x), region=4),
                            morf_curve(fake, x, y, random_maps((48, 32, 32)), region=4))
