@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # Every other package pinned too, the same pins as the Docker image.
 PINS   := docker/constraints.txt
 
-.PHONY: install quickstart test test-fast constraints clean
+.PHONY: install quickstart test test-fast lint constraints clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# ruff, configured in pyproject.toml: one line length, import order, pyflakes, bugbear.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs

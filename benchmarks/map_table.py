@@ -138,7 +138,7 @@ def main() -> None:
                   "channels_last": ex.model_forward.channels_last, "maps_per_s": r["maps_per_s"],
                   "forward_share": r["forward_share"], "vs_shap_maps": rel_diff(r["maps"][:n_shap], shap_maps),
                   **fidelity(r["maps"], refs[case])})
-    for case, model, hwc, y, n_shap, common, full in plans:  # what a new batch size costs the eager forward
+    for case, model, hwc, _y, _n_shap, common, _full in plans:  # what a new batch size costs the eager forward
         if case == args.shape_cost and time_left():
             ex = explainer(model, hwc, engine="batched", compile="off", **common)
             for k in (1000, 999, 998, 1000):
@@ -155,7 +155,7 @@ def main() -> None:
                       "again_s": times[1]})
     compiled: dict[tuple[str, str], object] = {}  # (case, precision) -> its ModelForward, compiled
     for precision in args.compiled:  # then compiled, one precision across cases at a time
-        for case, model, hwc, y, n_shap, common, full in plans:
+        for case, model, hwc, y, _n_shap, common, full in plans:
             if not time_left():
                 emit({"case": case, "row": f"engine compiled {precision}", "status": "not run"})
                 continue

@@ -17,8 +17,8 @@ are steady state: shap's numba kernels are compiled, the engines warmed up on on
 compile done (its time is printed) before the clock starts. The engines are timed in turn,
 ``--repeats`` times (shap, eager, compiled, shap, ...); each row is its engine's median repeat,
 and the speed-up is the median of the per-repeat ratios, so a change in the machine's load
-during the run (this project's CI machine is shared) shifts both sides of a ratio alike. Every engine's maps are compared with
-shap's (max |m - shap| / max |shap| over the images). The last line is
+during the run (on a shared machine) shifts both sides of a ratio alike. Every engine's maps are
+compared with shap's (max |m - shap| / max |shap| over the images). The last line is
 ``engine_speedup_vs_shap=<(c) or (b) / (a)> forward_share=<its forward time / its wall time>``.
 
     python benchmarks/shap_engine.py --compile              # LeNet-5, 32x32, 2000 evals, 32 images

@@ -25,8 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from impactx_ray.config import EXPLAIN_SETTINGS, STAGE1_SETTINGS, STAGE2_BUDGET, STAGE2_SETTINGS, RunConfig
-from impactx_ray.config import SINGLE_STAGE_SETTINGS
+from impactx_ray.config import (
+    EXPLAIN_SETTINGS,
+    SINGLE_STAGE_SETTINGS,
+    STAGE1_SETTINGS,
+    STAGE2_BUDGET,
+    STAGE2_SETTINGS,
+    RunConfig,
+)
 from impactx_ray.data import ImageData
 from impactx_ray.errors import UserError
 from impactx_ray.io import file_sha256

@@ -18,15 +18,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from impactx_ray.checks import (chance_warning, check_backbone, check_eval_budget,
-                                constant_map_counts, constant_maps_warning, store_warning)
+from impactx_ray.checks import (
+    chance_warning,
+    check_backbone,
+    check_eval_budget,
+    constant_map_counts,
+    constant_maps_warning,
+    store_warning,
+)
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, dataset_fingerprint, load_dataset, train_val_split
 from impactx_ray.errors import UserError
 from impactx_ray.explain import ExplainSettings, MapStore, compute_store, load_checkpoint_maps
 from impactx_ray.io import file_sha256, read_json, write_json
-from impactx_ray.methods import (BASELINE, METHODS, Method, ModelSpec, TrainInputs, get_method,
-                                 load_model, load_stage1, train_method)
+from impactx_ray.methods import (
+    BASELINE,
+    METHODS,
+    Method,
+    ModelSpec,
+    TrainInputs,
+    get_method,
+    load_model,
+    load_stage1,
+    train_method,
+)
 from impactx_ray.rundir import RunDir
 from impactx_ray.train import accuracy, resolve_device
 from impactx_ray.train.checkpoint import save_checkpoint

@@ -20,9 +20,17 @@ from pathlib import Path
 from impactx_ray.errors import UserError
 from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides, positive_int
 from impactx_ray.sweep.search import SCHEDULERS, SEARCHES, SearchSpec, budget
-from impactx_ray.sweep.spaces import (COMPARABLE_METHODS, COMPARISON_METHODS, DEFAULT_REPLACEMENTS,
-                                      PAPER_DATASETS, PAPER_MODELS, STAGE1_SEARCHED,
-                                      STAGE2_SEARCHED, cells, plan)
+from impactx_ray.sweep.spaces import (
+    COMPARABLE_METHODS,
+    COMPARISON_METHODS,
+    DEFAULT_REPLACEMENTS,
+    PAPER_DATASETS,
+    PAPER_MODELS,
+    STAGE1_SEARCHED,
+    STAGE2_SEARCHED,
+    cells,
+    plan,
+)
 
 SMOKE = {"models": ["lenet5"], "datasets": ["digits"], "epochs": 3, "max_evals": 100,
          "morf_images": 50}

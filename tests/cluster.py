@@ -165,7 +165,7 @@ class Postgres:
             except subprocess.CalledProcessError:
                 if time.time() > deadline or self.proc.poll() is not None:
                     stop_session(self.proc)
-                    raise RuntimeError(f"PostgreSQL did not start: {self.log.read_text()[-2000:]}")
+                    raise RuntimeError(f"PostgreSQL did not start: {self.log.read_text()[-2000:]}") from None
                 time.sleep(0.3)
         return f"postgresql://mlflow@127.0.0.1:{self.port}/mlflow"
 

@@ -8,8 +8,7 @@ from torch import nn
 
 from impactx_ray.config import RunConfig
 from impactx_ray.data import class_mean_maps
-from impactx_ray.models import (ATTACH_POINTS, WAE, abn_loss, create_abn, create_backbone,
-                                list_backbones)
+from impactx_ray.models import ATTACH_POINTS, WAE, abn_loss, create_abn, create_backbone, list_backbones
 from impactx_ray.models.abn import timm_attach_point
 from impactx_ray.models.timm_backbones import TIMM_NAMES
 from impactx_ray.train import StageResult, train_abn, train_wae

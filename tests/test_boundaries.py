@@ -1,5 +1,5 @@
-"""DESIGN.md's boundaries, checked on the source: imports point down the layers, no module imports
-itself back through others, and Ray and MLflow stay at the edges.
+"""The layering rules of docs/architecture.md, checked on the source: imports point down the
+layers, no module imports itself back through others, and Ray and MLflow stay at the edges.
 
 Every import counts, also the ones inside functions: a lazy import is still a dependency.
 """

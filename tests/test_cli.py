@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from impactx_ray.cli import main
-from impactx_ray.data import load_dataset
 from impactx_ray.config import RunConfig
+from impactx_ray.data import load_dataset
 from impactx_ray.explain import MapStore
-from impactx_ray.models import create_backbone
 from impactx_ray.io import file_sha256
 from impactx_ray.methods import BASELINE, checkpoint_meta
+from impactx_ray.models import create_backbone
 from impactx_ray.train.checkpoint import save_checkpoint
 
 TINY = ["--model", "lenet5", "--dataset", "digits", "--epochs", "1", "--max-evals", "40",

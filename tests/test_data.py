@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import write_cifar10, write_cifar100, write_imagefolder, write_stl10
 from PIL import Image
 
 from impactx_ray.data import (
@@ -25,6 +24,8 @@ from impactx_ray.data import (
     train_val_split,
 )
 from impactx_ray.errors import UserError
+
+from fixtures_data import write_cifar10, write_cifar100, write_imagefolder, write_stl10
 
 WRITERS = {"cifar10": write_cifar10, "cifar100": write_cifar100, "stl10": write_stl10}
 FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}

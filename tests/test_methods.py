@@ -8,8 +8,16 @@ import torch
 from impactx_ray.config import STAGE1_SETTINGS, RunConfig
 from impactx_ray.errors import UserError
 from impactx_ray.io import file_sha256
-from impactx_ray.methods import (BASELINE, METHODS, ModelSpec, TrainInputs, checkpoint_meta,
-                                 get_method, load_model, train_method)
+from impactx_ray.methods import (
+    BASELINE,
+    METHODS,
+    ModelSpec,
+    TrainInputs,
+    checkpoint_meta,
+    get_method,
+    load_model,
+    train_method,
+)
 from impactx_ray.train.checkpoint import save_checkpoint
 
 CPU = torch.device("cpu")

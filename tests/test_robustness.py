@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import write_imagefolder
 from PIL import Image
 from test_cli import TINY, fails_cleanly, tree_digest
 
@@ -28,6 +27,8 @@ from impactx_ray.io import file_sha256
 from impactx_ray.lock import LOCK_NAME, DirLock
 from impactx_ray.methods import BASELINE, METHODS, ModelSpec, checkpoint_meta
 from impactx_ray.train.checkpoint import save_checkpoint
+
+from fixtures_data import write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 

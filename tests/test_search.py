@@ -12,8 +12,7 @@ import pytest
 from impactx_ray.errors import UserError
 from impactx_ray.sweep.pipeline import StageFailed, StageOutcome, SweepOptions, best
 from impactx_ray.sweep.report import summary_markdown
-from impactx_ray.sweep.search import (INDEX_KEY, OptunaSpace, SearchSpec, budget, stopped_early,
-                                      tune_plan)
+from impactx_ray.sweep.search import INDEX_KEY, OptunaSpace, SearchSpec, budget, stopped_early, tune_plan
 from impactx_ray.sweep.spaces import LEARNING_RATES, Space, cells, stage1_space
 from impactx_ray.sweep.trainables import run_config
 
@@ -28,7 +27,7 @@ def sample(space: Space, seed: int, n: int) -> list[dict]:
     study = optuna.create_study(direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=seed))
     define, points = OptunaSpace(space.grid), []
-    for i in range(n):
+    for _ in range(n):
         trial = study.ask()
         constants = define(trial)
         config = {**trial.params, **constants}

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import LocalCluster, MlflowServer, session_pids
 
 from impactx_ray.data import train_val_split
 from impactx_ray.sweep.report import summary_markdown, write_summary
-from impactx_ray.sweep.spaces import (LAMBDAS, LEARNING_RATES, cells, plan, stage1_space,
-                                      stage2_space)
+from impactx_ray.sweep.spaces import LAMBDAS, LEARNING_RATES, cells, plan, stage1_space, stage2_space
+
+from cluster import LocalCluster, MlflowServer, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sweeps" / "full_grid.py"
@@ -260,7 +260,7 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
 
 @pytest.mark.slow
 def test_ray_job_submit_with_token_auth_logs_to_an_mlflow_server(tmp_path):
-    """The README's cluster path: a head with Ray's default token auth, the smoke sweep submitted
+    """docs/sweeps.md's cluster path: a head with Ray's default token auth, the smoke sweep submitted
     as a job from the repository (``--working-dir .``), every run in a real MLflow server."""
     with LocalCluster(tmp_path / "cluster") as cluster, MlflowServer(tmp_path / "mlflow") as uri:
         # auth is really on: a client without RAY_AUTH_MODE=token is turned away

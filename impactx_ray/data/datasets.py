@@ -1,8 +1,9 @@
 """Image data sets as compact uint8 tensors: cifar10, cifar100, stl10, digits and imagefolder:PATH.
 
 Everything is held as uint8 N×C×H×W at the data set's native resolution (32×32 CIFAR, 96×96 STL-10)
-because SHAP maps are computed at that resolution (see DESIGN.md) and uint8 keeps CIFAR at 150 MB
-instead of 600 MB; models convert batches with :meth:`ImageData.float_images` and resize themselves.
+because SHAP maps are computed at that resolution (docs/method.md, "SHAP maps of the true class")
+and uint8 keeps CIFAR at 150 MB instead of 600 MB; models convert batches with
+:meth:`ImageData.float_images` and resize themselves.
 """
 
 from __future__ import annotations

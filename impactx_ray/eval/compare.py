@@ -15,12 +15,21 @@ import torch
 from torch import Tensor, nn
 
 from impactx_ray.data import ImageData
-from impactx_ray.eval.morf import (ORDERS, aopc_per_image, auc_per_image, default_region, mean_ci,
-                                   morf_curve, random_maps, srg_per_image)
+from impactx_ray.eval.morf import (
+    ORDERS,
+    aopc_per_image,
+    auc_per_image,
+    default_region,
+    mean_ci,
+    morf_curve,
+    random_maps,
+    srg_per_image,
+)
 from impactx_ray.eval.road import check_replacement
 from impactx_ray.explain import ExplainSettings, explain_true_class
 from impactx_ray.io import write_json, write_npy
 
+CPU = torch.device("cpu")
 # Paper Table 2: test accuracy (%) per (dataset, model) for baseline A, IMPACTX, ABN and WAE.
 PAPER_TABLE2: dict[tuple[str, str], dict[str, float]] = {
     ("cifar10", "lenet5"): {"baseline": 67.96, "impactx": 70.65, "abn": 68.49, "wae": 68.10},
@@ -67,7 +76,7 @@ def _predict(model: nn.Module, x: Tensor, device: torch.device) -> tuple[np.ndar
 @torch.no_grad()
 def morf_comparison(impactx: nn.Module, test: ImageData, settings: ExplainSettings, *,
                     abn: nn.Module | None = None, n: int = 100, seed: int = 0,
-                    device: torch.device = torch.device("cpu"), progress: bool = True,
+                    device: torch.device = CPU, progress: bool = True,
                     replacements: tuple[str, ...] = ("noise",), sanity: bool = True
                     ) -> tuple[MorfCurves, dict[str, np.ndarray], Tensor, Tensor]:
     """MoRF and LeRF curves per method and replacement on the first ``n`` test images (the same
@@ -93,7 +102,7 @@ def morf_comparison(impactx: nn.Module, test: ImageData, settings: ExplainSettin
     scorer: dict[str, str] = {}
     for name, model in models.items():
         suffix = "" if name == "IMPACTX" else " (ABN)"
-        maps[name] = _batched(lambda b: model.explain(b.to(device)).cpu(), x).numpy()
+        maps[name] = _batched(lambda b, m=model: m.explain(b.to(device)).cpu(), x).numpy()
         maps[f"SHAP of {name}"] = explain_true_class(model, x.to(device), y, progress=progress,
                                                      **settings.explainer_kwargs(test.image_size))
         maps[f"random{suffix}"] = random_maps((len(x), h, w), seed)

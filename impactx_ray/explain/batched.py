@@ -2,7 +2,7 @@
 
 ``shap.PartitionExplainer`` explains one image at a time and spends most of its time outside the
 model: building each mask from a scipy sparse row, masking one image per Python call, and NumPy
-scalar work per queue node (DESIGN.md, "shap facts measured here"). This module replays shap's
+scalar work per queue node (docs/map-engine.md, "Where the time goes"). This module replays shap's
 ``PartitionExplainer.owen`` (the method ``explain_row`` calls; ``fixed_context=None``) exactly:
 
 * the partition tree is ``shap.maskers.Image(masker, shape=(H, W, C)).clustering``;

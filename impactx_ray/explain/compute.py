@@ -13,8 +13,14 @@ from tqdm import tqdm
 
 from impactx_ray.errors import UserError
 from impactx_ray.explain.settings import ExplainSettings
-from impactx_ray.explain.shap_maps import (TrueClassExplainer, check_images, in_eval_mode,
-                                           labels_array, to_hwc, torch_threads_ctx)
+from impactx_ray.explain.shap_maps import (
+    TrueClassExplainer,
+    check_images,
+    in_eval_mode,
+    labels_array,
+    to_hwc,
+    torch_threads_ctx,
+)
 from impactx_ray.explain.store import MapStore
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+
 def new_queues(f00: np.ndarray, f11: np.ndarray, root: int, budget: int) -> dict[str, np.ndarray]:
     """The queues of ``n`` images, each holding shap's first item ``(0, 0, 0, f00, f11, root,
     1.0)`` (arena row 0 is the empty mask); float64 f00/f11 as shap computes them."""

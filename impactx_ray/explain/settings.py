@@ -29,10 +29,15 @@ from typing import Any
 
 from impactx_ray.data import ImageData, dataset_fingerprint
 from impactx_ray.errors import UserError
-from impactx_ray.explain.forward import (DEFAULT_COMPILE, DEFAULT_PRECISION, check_compile,
-                                         check_precision)
-from impactx_ray.explain.shap_maps import (DEFAULT_ENGINE, DEFAULT_MAX_EVALS, MIN_MAX_EVALS,
-                                           check_engine, default_masker, validate_masker)
+from impactx_ray.explain.forward import DEFAULT_COMPILE, DEFAULT_PRECISION, check_compile, check_precision
+from impactx_ray.explain.shap_maps import (
+    DEFAULT_ENGINE,
+    DEFAULT_MAX_EVALS,
+    MIN_MAX_EVALS,
+    check_engine,
+    default_masker,
+    validate_masker,
+)
 from impactx_ray.explain.store import MANIFEST, MapStore
 
 DEFAULT_SHAP_BATCH_SIZE = 100

@@ -1,6 +1,6 @@
 """R: SHAP Partition attribution maps for the *true* class of each image.
 
-Why it looks the way it does (facts measured with shap 0.51, see DESIGN.md):
+Why it looks the way it does (facts measured with shap 0.51, docs/map-engine.md):
 
 * ``outputs=`` applies one output index to every row of an explainer call, so the true class is
   explained with one call per image (``outputs=[y_i]``); ``argsort.flip[:1]`` would explain the
@@ -317,9 +317,10 @@ def explain_true_class(
     flag is restored afterwards. ``seed`` seeds shap's random tie-breaking per image.
     ``torch_threads`` torch threads are used during the call (see :func:`torch_threads_ctx`); None
     keeps torch's setting (all cores): the batched engine is bound by the model forward, which
-    uses them. Pass 1 for the shap engine on a busy machine, or one Ray worker per core. ``engine`` is ``"batched"`` (default: all
-    images in lockstep, ``forward_batch`` masked images per model call) or ``"shap"`` (shap's
-    explainer image by image, the reference); both give the same maps. ``forward_batch=None`` lets
+    uses them. Pass 1 for the shap engine on a busy machine, or one Ray worker per core.
+    ``engine`` is ``"batched"`` (default: all images in lockstep, ``forward_batch`` masked images
+    per model call) or ``"shap"`` (shap's explainer image by image, the reference); both give the
+    same maps. ``forward_batch=None`` lets
     the engine choose (512 on CPU, 4096 on CUDA; see :func:`~impactx_ray.explain.batched.auto_forward_batch`).
     ``precision`` (fp32, bf16, fp16) and ``compile`` (auto, on, off): see :mod:`impactx_ray.explain.forward`.
     """

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-
 class InputAdapter(nn.Module):
     """Resize to the backbone's input size, then normalise with (x - mean) / std.
 

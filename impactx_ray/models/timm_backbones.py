@@ -94,7 +94,8 @@ def _check_file_loaded(model: nn.Module, path: Path, label: str) -> None:
         model.load_state_dict(fitting, strict=False)
 
 
-def _create_timm_model(timm_name: str, label: str, num_classes: int, pretrained: bool, weights: Path | None) -> nn.Module:
+def _create_timm_model(timm_name: str, label: str, num_classes: int, pretrained: bool,
+                       weights: Path | None) -> nn.Module:
     if weights is None and not pretrained:
         return timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
     overlay = {"pretrained_cfg_overlay": dict(file=str(weights))} if weights is not None else {}

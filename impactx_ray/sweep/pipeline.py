@@ -4,10 +4,11 @@ single-stage IMPACTX) with the stage-1 winner's hyperparameters, test accuracies
 the MoRF/LeRF comparison of the maps with its sanity checks.
 
 Layout of ``<out>``: ``tune/<cell>-{stage1,stage2,comparison}/`` (Tune experiments, restorable),
-``cells/<cell>/maps/<key>/`` (the winner's map store), ``cells/<cell>/{result.json,morf/}``, ``mlflow.db`` (embedded tracking, unless
-``MLFLOW_TRACKING_URI``), ``summary.{md,csv}``. Rerunning the same command resumes: finished
-Tune experiments are restored (finished trials are not rerun), the map store resumes by shard,
-and MLflow runs are found again by key instead of duplicated.
+``cells/<cell>/maps/<key>/`` (the winner's map store), ``cells/<cell>/{result.json,morf/}``,
+``mlflow.db`` (embedded tracking, unless ``MLFLOW_TRACKING_URI``), ``summary.{md,csv}``.
+Rerunning the same command resumes: finished Tune experiments are restored (finished trials are
+not rerun), the map store resumes by shard, and MLflow runs are found again by key instead of
+duplicated.
 """
 
 from __future__ import annotations
@@ -36,13 +37,29 @@ from impactx_ray.sweep.morf_task import morf_task
 from impactx_ray.sweep.progress import StageProgress
 from impactx_ray.sweep.report import write_summary
 from impactx_ray.sweep.search import SearchSpec, stopped_early, tune_plan
-from impactx_ray.sweep.spaces import (COMPARABLE_METHODS, COMPARISON_METHODS, DEFAULT_REPLACEMENTS,
-                                      STAGE1_SEARCHED, STAGE2_SEARCHED, Cell, Space, stage1_space,
-                                      stage2_space)
-from impactx_ray.sweep.tracking import (MLflowTrialLogger, Tracker, artifact_location,
-                                       tracking_uri)
-from impactx_ray.sweep.trainables import (CPUS, MAPS, METHOD, STAGE1_CHECKPOINT, STAGE_METHODS,
-                                          STAGE_TRAINABLES, run_config, trial_params, trial_tags)
+from impactx_ray.sweep.spaces import (
+    COMPARABLE_METHODS,
+    COMPARISON_METHODS,
+    DEFAULT_REPLACEMENTS,
+    STAGE1_SEARCHED,
+    STAGE2_SEARCHED,
+    Cell,
+    Space,
+    stage1_space,
+    stage2_space,
+)
+from impactx_ray.sweep.tracking import MLflowTrialLogger, Tracker, artifact_location, tracking_uri
+from impactx_ray.sweep.trainables import (
+    CPUS,
+    MAPS,
+    METHOD,
+    STAGE1_CHECKPOINT,
+    STAGE_METHODS,
+    STAGE_TRAINABLES,
+    run_config,
+    trial_params,
+    trial_tags,
+)
 
 METRIC = "best_val_accuracy"  # selection is by validation accuracy, never test accuracy
 

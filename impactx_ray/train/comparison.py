@@ -19,8 +19,7 @@ from torch import Tensor
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, class_mean_maps
 from impactx_ray.models import ABN, WAE, Backbone, abn_loss
-from impactx_ray.train.loop import (EpochCallback, FitState, StageResult, StateCallback, fit,
-                                    seed_everything)
+from impactx_ray.train.loop import EpochCallback, FitState, StageResult, StateCallback, fit, seed_everything
 from impactx_ray.train.stage1 import new_backbone
 
 

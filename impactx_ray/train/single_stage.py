@@ -30,8 +30,7 @@ from torch import Tensor, nn
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, map_targets
 from impactx_ray.models import ImpactX
-from impactx_ray.train.loop import (EpochCallback, FitState, StageResult, StateCallback, fit,
-                                    seed_everything)
+from impactx_ray.train.loop import EpochCallback, FitState, StageResult, StateCallback, fit, seed_everything
 from impactx_ray.train.losses import impactx_loss
 from impactx_ray.train.stage1 import new_backbone
 from impactx_ray.train.stage2 import map_mse

@@ -13,8 +13,7 @@ from torch import Tensor, nn
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData
 from impactx_ray.models import Backbone, create_backbone, default_pretrained
-from impactx_ray.train.loop import (EpochCallback, FitState, StageResult, StateCallback, fit,
-                                    seed_everything)
+from impactx_ray.train.loop import EpochCallback, FitState, StageResult, StateCallback, fit, seed_everything
 
 __all__ = ["EpochCallback", "StageResult", "new_backbone", "train_stage1"]
 

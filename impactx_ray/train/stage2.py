@@ -12,8 +12,15 @@ import torch
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, map_targets
 from impactx_ray.models import Backbone, ImpactX
-from impactx_ray.train.loop import (EpochCallback, FitState, StageResult, StateCallback, fit,
-                                    index_batches, seed_everything)
+from impactx_ray.train.loop import (
+    EpochCallback,
+    FitState,
+    StageResult,
+    StateCallback,
+    fit,
+    index_batches,
+    seed_everything,
+)
 from impactx_ray.train.losses import impactx_loss
 
 
