@@ -20,14 +20,14 @@ import torch
 
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, train_val_split
+from impactx_ray.defaults import MASK_BYTES, MAX_EVALS
 from impactx_ray.errors import UserError
 from impactx_ray.explain import MapStore
 from impactx_ray.train import new_backbone
 
-#: What one image's masks may take: ``explain.batched.BatchedPartition``'s ``max_mask_bytes``
-#: (one bool row of H·W·C per evaluation, for at least one image in flight). shap's own engine
-#: keeps a comparable mask per evaluation, so the bound holds for both (tested to match).
-MASK_BYTES = 1 << 29
+# MASK_BYTES (defaults.py) is ``explain.batched.BatchedPartition``'s ``max_mask_bytes``: one bool
+# row of H·W·C per evaluation, for at least one image in flight. shap's own engine keeps a
+# comparable mask per evaluation, so the bound holds for both (tested to match).
 
 
 #: the fewest validation images on which "at chance level" means something
@@ -42,7 +42,7 @@ def check_eval_budget(max_evals: int, hwc: tuple[int, int, int]) -> None:
         limit = MASK_BYTES // (h * w * c) - 1
         raise UserError(f"--max-evals {max_evals} needs {need / 2**30:,.1f} GiB of masks per "
                         f"{h}x{w}x{c} image, over the {MASK_BYTES >> 20} MiB the map engine may "
-                        f"take; use at most {limit} (the paper uses 2000)")
+                        f"take; use at most {limit} (the paper uses {MAX_EVALS})")
 
 
 def check_backbone(cfg: RunConfig, num_classes: int) -> None:

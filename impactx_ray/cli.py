@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from impactx_ray.defaults import DEFAULT_REPLACEMENTS, MORF_IMAGES
 from impactx_ray.errors import UserError
 from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides, positive_int
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--morf", action="store_true", help="MoRF curves and AOPC of IMPACTX's "
                            "maps, SHAP maps of IMPACTX, ABN maps (if trained) and random maps")
             p.add_argument("--morf-images", type=positive_int, help="test images for MoRF "
-                           "(default 100)")
+                           f"(default {MORF_IMAGES})")
             p.add_argument("--replacement", nargs="+", choices=("noise", "blur", "road"),
                            help="what replaces removed regions in the MoRF/LeRF curves, one or "
                            "more of noise (the paper's; default), blur, road (ROAD imputation)")
@@ -160,8 +161,8 @@ def execute(run: Any, args: argparse.Namespace) -> None:
               f"-> {run.dir.checkpoint(method)}")
     elif args.command == "evaluate":
         _print_result(run.evaluate(morf=getattr(args, "morf", False),
-                                   morf_images=getattr(args, "morf_images", 100),
-                                   replacements=tuple(getattr(args, "replacement", ("noise",)))),
+                                   morf_images=getattr(args, "morf_images", MORF_IMAGES),
+                                   replacements=tuple(getattr(args, "replacement", DEFAULT_REPLACEMENTS))),
                       out)
 
 

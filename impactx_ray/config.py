@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from impactx_ray.defaults import MAX_EVALS, MIN_MAX_EVALS, SHAP_BATCH_SIZE
 from impactx_ray.errors import UserError
 
 # The RunConfig fields each product of a run depends on (the method table in ``methods.py`` says
@@ -41,9 +42,9 @@ class RunConfig:
     epochs: int = 10                  # stage-1 epochs
     stage2_epochs: int | None = None  # None: same as `epochs`
     stage2_lr: float | None = None    # None: same as `lr`
-    max_evals: int = 2000             # shap Partition explainer budget per map (paper: 2000)
+    max_evals: int = MAX_EVALS        # shap Partition explainer budget per map (paper: 2000)
     masker: str | None = None         # shap.maskers.Image mask_value; None: blur(H//4,W//4)
-    shap_batch_size: int = 100        # `batch_size` of shap's explainer call (maps depend on it)
+    shap_batch_size: int = SHAP_BATCH_SIZE  # `batch_size` of shap's explainer call (maps depend on it)
     engine: str = "batched"           # map engine: batched (exact, fast) or shap (the reference)
     precision: str = "fp32"           # map forward precision: fp32 (shap-exact), bf16 or fp16
     compile: str = "auto"             # torch.compile the map engine's forward: auto, on or off
@@ -63,7 +64,7 @@ class RunConfig:
         check_int("--epochs", self.epochs, minimum=1)
         if self.stage2_epochs is not None:
             check_int("--stage2-epochs", self.stage2_epochs, minimum=1)
-        check_int("--max-evals", self.max_evals, minimum=1)
+        check_int("--max-evals", self.max_evals, minimum=MIN_MAX_EVALS)
         check_int("--shap-batch-size", self.shap_batch_size, minimum=1)
         check_int("--image-size", self.image_size, minimum=8)
         check_int("--refresh-every", self.refresh_every, minimum=1)

@@ -11,13 +11,14 @@
 ``impactx run`` and the ``impactx <step>`` commands (through ``runner.py``) and the sweep's
 trainable all go through :func:`train_method`, :func:`checkpoint_meta` and :func:`load_model`, so
 a checkpoint means the same thing whoever wrote it. A new method is one :func:`register_method`
-call: a train function over :class:`TrainInputs` and a builder of its untrained model.
+call: a plan for the one training loop (``train.TrainPlan``: model, step, parameters, epochs) made
+from :class:`TrainInputs`, and a builder of its untrained model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,18 @@ from impactx_ray.data import ImageData
 from impactx_ray.errors import UserError
 from impactx_ray.io import file_sha256
 from impactx_ray.models import ABN, WAE, Backbone, ImpactX, create_backbone
-from impactx_ray.train import StageResult, train_abn, train_stage1, train_stage2, train_wae
+from impactx_ray.train import (
+    FitHooks,
+    Split,
+    StageResult,
+    TrainPlan,
+    abn_plan,
+    stage1_plan,
+    stage2_plan,
+    train,
+    wae_plan,
+)
 from impactx_ray.train.checkpoint import check_meta, load_checkpoint, load_into
-from impactx_ray.train.loop import EpochCallback, FitState, StateCallback
 
 
 @dataclass(frozen=True)
@@ -62,19 +72,19 @@ class ModelSpec:
 
 @dataclass
 class TrainInputs:
-    """Everything a method's training reads. ``stage1``/``maps`` only for methods on the stage-1 model."""
+    """Everything a method's training reads. ``stage1``/``maps`` only for methods built on the
+    stage-1 model."""
 
     cfg: RunConfig
-    data: ImageData                   # the training set: train and validation rows
-    train_idx: torch.Tensor
-    val_idx: torch.Tensor
+    split: Split                      # the training set: train and validation rows
     device: torch.device
+    hooks: FitHooks = field(default_factory=FitHooks)  # progress, per-epoch callbacks, resume
     stage1: Path | None = None        # the stage-1 checkpoint (M, frozen)
-    maps: np.ndarray | None = None    # its SHAP maps of ``data``, N×H×W×C
-    on_epoch: EpochCallback | None = None
-    progress: bool = True
-    resume: FitState | None = None     # go on from this state of an interrupted fit
-    on_state: StateCallback | None = None  # receives the fit's state after every epoch
+    maps: np.ndarray | None = None    # its SHAP maps of the training set, N×H×W×C
+
+    @property
+    def data(self) -> ImageData:
+        return self.split.data
 
 
 @dataclass(frozen=True)
@@ -83,14 +93,14 @@ class Method:
     title: str                        # how tables and the CLI print it
     directory: str                    # its folder in a run directory
     settings: tuple[str, ...]         # RunConfig fields its checkpoint depends on (and records)
-    on_stage1: bool                   # built around the frozen stage-1 model, with stage 2's budget
+    builds_on_stage1: bool            # around the frozen stage-1 model, with stage 2's budget
     needs_maps: bool                  # trained on the stage-1 model's SHAP maps
-    fit: Callable[[TrainInputs, Backbone | None], StageResult]
+    plan: Callable[[TrainInputs, Backbone | None], TrainPlan]  # the stage-1 model when it builds on it
     build: Callable[[ModelSpec, dict[str, Any]], nn.Module]  # untrained, shaped as the meta says
     meta: tuple[tuple[str, Any], ...] = ()  # fixed facts its checkpoints record (how to build them)
 
     def epochs(self, cfg: RunConfig) -> int:
-        return cfg.epochs2 if self.on_stage1 else cfg.epochs
+        return cfg.epochs2 if self.builds_on_stage1 else cfg.epochs
 
 
 METHODS: dict[str, Method] = {}
@@ -112,42 +122,32 @@ def get_method(name: str) -> Method:
 
 
 # -- the table ------------------------------------------------------------------------------------
-def _fit_baseline(i: TrainInputs, _: None) -> StageResult:
-    return train_stage1(i.cfg, i.data, i.train_idx, i.val_idx, device=i.device,
-                        on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
-                     on_state=i.on_state)
+def _plan_baseline(i: TrainInputs, _: None) -> TrainPlan:
+    return stage1_plan(i.cfg, i.data.num_classes, i.device)
 
 
-def _fit_impactx(i: TrainInputs, m: Backbone) -> StageResult:
-    return train_stage2(i.cfg, m, i.data, i.maps, i.train_idx, i.val_idx, device=i.device,
-                        on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
-                     on_state=i.on_state)
+def _plan_impactx(i: TrainInputs, m: Backbone) -> TrainPlan:
+    return stage2_plan(i.cfg, m, i.split, i.maps, i.device)
 
 
-def _fit_abn(i: TrainInputs, _: None) -> StageResult:
-    return train_abn(i.cfg, i.data, i.train_idx, i.val_idx, device=i.device,
-                     on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
-                     on_state=i.on_state)
+def _plan_abn(i: TrainInputs, _: None) -> TrainPlan:
+    return abn_plan(i.cfg, i.data.num_classes, i.device)
 
 
-def _fit_wae(i: TrainInputs, m: Backbone) -> StageResult:
-    return train_wae(i.cfg, m, i.data, i.maps, i.train_idx, i.val_idx, device=i.device,
-                     on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
-                     on_state=i.on_state)
+def _plan_wae(i: TrainInputs, m: Backbone) -> TrainPlan:
+    return wae_plan(i.cfg, m, i.split, i.maps, i.device)
 
 
-def _fit_single_stage(i: TrainInputs, _: None) -> StageResult:
+def _plan_single_stage(i: TrainInputs, _: None) -> TrainPlan:
     from impactx_ray.explain import ExplainSettings, explain_true_class
-    from impactx_ray.train.single_stage import train_single_stage
+    from impactx_ray.train.single_stage import single_stage_plan
 
     kwargs = ExplainSettings.from_config(i.cfg).explainer_kwargs(i.data.image_size)
 
     def maps_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-        return explain_true_class(model, x, y, progress=i.progress, **kwargs)  # a bar per refresh
+        return explain_true_class(model, x, y, progress=i.hooks.progress, **kwargs)  # a bar per refresh
 
-    return train_single_stage(i.cfg, i.data, i.train_idx, i.val_idx, maps_of, device=i.device,
-                              on_epoch=i.on_epoch, progress=i.progress, resume=i.resume,
-                              on_state=i.on_state)
+    return single_stage_plan(i.cfg, i.split, maps_of, i.device, i.hooks)
 
 
 def _build_baseline(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
@@ -180,19 +180,19 @@ def _build_wae(spec: ModelSpec, meta: dict[str, Any]) -> nn.Module:
 
 
 BASELINE = register_method(Method("baseline", "baseline (A)", "stage1", STAGE1_SETTINGS,
-                                  on_stage1=False, needs_maps=False, fit=_fit_baseline,
+                                  builds_on_stage1=False, needs_maps=False, plan=_plan_baseline,
                                   build=_build_baseline))
 register_method(Method("impactx", "IMPACTX", "stage2",
                        STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_SETTINGS,
-                       on_stage1=True, needs_maps=True, fit=_fit_impactx, build=_build_impactx,
-                       meta=(LEP_META,)))
-register_method(Method("abn", "ABN", "abn", STAGE1_SETTINGS, on_stage1=False, needs_maps=False,
-                       fit=_fit_abn, build=_build_abn))
+                       builds_on_stage1=True, needs_maps=True, plan=_plan_impactx,
+                       build=_build_impactx, meta=(LEP_META,)))
+register_method(Method("abn", "ABN", "abn", STAGE1_SETTINGS, builds_on_stage1=False,
+                       needs_maps=False, plan=_plan_abn, build=_build_abn))
 register_method(Method("wae", "WAE", "wae", STAGE1_SETTINGS + EXPLAIN_SETTINGS + STAGE2_BUDGET,
-                       on_stage1=True, needs_maps=True, fit=_fit_wae, build=_build_wae))
+                       builds_on_stage1=True, needs_maps=True, plan=_plan_wae, build=_build_wae))
 register_method(Method("impactx_single", "IMPACTX single-stage", "single_stage",
                        STAGE1_SETTINGS + EXPLAIN_SETTINGS + SINGLE_STAGE_SETTINGS,
-                       on_stage1=False, needs_maps=False, fit=_fit_single_stage,
+                       builds_on_stage1=False, needs_maps=False, plan=_plan_single_stage,
                        build=_build_single_stage, meta=(LEP_META,)))
 
 
@@ -202,7 +202,7 @@ def checkpoint_meta(method: Method, cfg: RunConfig, data: ImageData, *,
                     result: StageResult | None = None) -> dict[str, Any]:
     """The meta every checkpoint of ``method`` carries: what it is, what it was made from (the
     settings it depends on, the stage-1 checkpoint's hash) and, once trained, how it did."""
-    if method.on_stage1 and stage1_hash is None:
+    if method.builds_on_stage1 and stage1_hash is None:
         raise ValueError(f"{method.name} is built on a stage-1 model: pass its stage1_hash")
     meta: dict[str, Any] = {"kind": method.name, "model": cfg.model,
                             "num_classes": data.num_classes, "image_size": list(data.image_size),
@@ -242,9 +242,10 @@ def load_stage1(path: str | Path, spec: ModelSpec) -> Backbone:
 
 # -- training -------------------------------------------------------------------------------------
 def train_method(method: Method, inputs: TrainInputs) -> tuple[StageResult, dict[str, Any]]:
-    """Train ``method`` and return (result, its checkpoint meta); nothing is written here."""
+    """Train ``method`` through the one loop and return (result, its checkpoint meta); nothing is
+    written here."""
     stage1, stage1_hash = None, None
-    if method.on_stage1:
+    if method.builds_on_stage1:
         if inputs.stage1 is None:
             raise ValueError(f"{method.name} needs the stage-1 checkpoint (TrainInputs.stage1)")
         stage1_hash = file_sha256(inputs.stage1)
@@ -252,6 +253,8 @@ def train_method(method: Method, inputs: TrainInputs) -> tuple[StageResult, dict
         stage1 = load_stage1(inputs.stage1, spec).to(inputs.device).eval()
     if method.needs_maps and inputs.maps is None:
         raise ValueError(f"{method.name} needs the stage-1 model's SHAP maps (TrainInputs.maps)")
-    result = method.fit(inputs, stage1)
+    cfg = inputs.cfg
+    result = train(lambda: method.plan(inputs, stage1), inputs.split, seed=cfg.seed,
+                   batch_size=cfg.batch_size, device=inputs.device, hooks=inputs.hooks)
     return result, checkpoint_meta(method, inputs.cfg, inputs.data, stage1_hash=stage1_hash,
                                    result=result)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from impactx_ray.config import RunConfig
+from impactx_ray.defaults import CHECKPOINT_FILE
 from impactx_ray.errors import UserError
 from impactx_ray.io import file_sha256, read_json, write_json
 from impactx_ray.methods import BASELINE, Method
@@ -47,7 +48,7 @@ class RunDir:
         return self.root / "morf"
 
     def checkpoint(self, method: Method) -> Path:
-        return self.root / method.directory / "model.pt"
+        return self.root / method.directory / CHECKPOINT_FILE
 
     def history(self, method: Method) -> Path:
         return self.root / method.directory / "history.json"
@@ -91,7 +92,7 @@ class RunDir:
         """Whether the checkpoint of a method built on stage 1 was built on another stage-1
         checkpoint than the one here now (a redone stage 1); such a checkpoint is retrained."""
         path, stage1 = self.checkpoint(method), self.checkpoint(BASELINE)
-        if not method.on_stage1 or not path.exists():
+        if not method.builds_on_stage1 or not path.exists():
             return False
         built_on = load_checkpoint(path)[1].get("stage1_hash")
         return built_on is not None and (not stage1.exists() or built_on != file_sha256(stage1))

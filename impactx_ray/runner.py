@@ -28,6 +28,7 @@ from impactx_ray.checks import (
 )
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, dataset_fingerprint, load_dataset, train_val_split
+from impactx_ray.defaults import DEFAULT_REPLACEMENTS, MORF_IMAGES
 from impactx_ray.errors import UserError
 from impactx_ray.explain import ExplainSettings, MapStore, compute_store, load_checkpoint_maps
 from impactx_ray.io import file_sha256, read_json, write_json
@@ -43,7 +44,7 @@ from impactx_ray.methods import (
     train_method,
 )
 from impactx_ray.rundir import RunDir
-from impactx_ray.train import accuracy, resolve_device
+from impactx_ray.train import FitHooks, Split, accuracy, resolve_device
 from impactx_ray.train.checkpoint import save_checkpoint
 
 
@@ -83,7 +84,7 @@ class Run:
         if explains:
             h, w = train.image_size
             check_eval_budget(self.cfg.max_evals, (h, w, int(train.images.shape[1])))
-        if any(not m.on_stage1 for m in trains):
+        if any(not m.builds_on_stage1 for m in trains):
             check_backbone(self.cfg, train.num_classes)
 
     def check_compatible(self, methods: tuple[Method, ...], hint: str, *,
@@ -162,8 +163,9 @@ class Run:
         them), save its checkpoint and history; returns the checkpoint's meta."""
         train = self.data[0]
         tr, va = self.split()
-        inputs = TrainInputs(self.cfg, train, tr, va, self.device, progress=self.progress)
-        if method.on_stage1:
+        inputs = TrainInputs(self.cfg, Split(train, tr, va), self.device,
+                             FitHooks(progress=self.progress))
+        if method.builds_on_stage1:
             self.check_stage1(checkpoint)
             inputs.stage1 = checkpoint or self.dir.checkpoint(BASELINE)
             load_stage1(inputs.stage1, self.spec)  # a bad checkpoint fails before the maps load
@@ -179,13 +181,13 @@ class Run:
         try:
             result, meta = train_method(method, inputs)
         except FloatingPointError as e:  # a diverged loss: the learning rate, not a bug
-            lr = f"--stage2-lr {self.cfg.lr2:g}" if method.on_stage1 else f"--lr {self.cfg.lr:g}"
+            lr = f"--stage2-lr {self.cfg.lr2:g}" if method.builds_on_stage1 else f"--lr {self.cfg.lr:g}"
             raise UserError(f"{method.title} diverged with {lr}: {e}; nothing of this step "
                             "was saved") from None
         save_checkpoint(self.dir.checkpoint(method), result.model.state_dict(), meta)
         write_json(self.dir.history(method), result.history)
         self.dir.record_timings(**{f"{method.name}_wall": time.perf_counter() - start})
-        if not method.on_stage1:
+        if not method.builds_on_stage1:
             self.check_chance(method, meta["val_accuracy"])
         return meta
 
@@ -217,8 +219,8 @@ class Run:
         return self.evaluate()
 
     # -- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, morf: bool = False, morf_images: int = 100,
-                 replacements: tuple[str, ...] = ("noise",)) -> dict[str, Any]:
+    def evaluate(self, morf: bool = False, morf_images: int = MORF_IMAGES,
+                 replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS) -> dict[str, Any]:
         """Test accuracy of every method trained here; MoRF/AOPC and figures with ``morf``."""
         train, test = self.data
         self.check_compatible(tuple(METHODS.values()),
@@ -234,7 +236,7 @@ class Run:
                 continue
             model, meta = load_model(path, self.spec, method)
             result["trained_with"][method.name] = meta.get("config")
-            if not method.on_stage1:
+            if not method.builds_on_stage1:
                 self.check_chance(method, meta["val_accuracy"])
             elif method.needs_maps and not self.dir.stale(method):
                 self.check_run_maps()
@@ -262,7 +264,7 @@ class Run:
         self.check_maps(store)
 
     def _morf(self, models: dict[str, torch.nn.Module], test: ImageData, n: int,
-              replacements: tuple[str, ...] = ("noise",)) -> dict[str, Any]:
+              replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS) -> dict[str, Any]:
         from impactx_ray.eval.compare import morf_comparison, write_morf
 
         # the paper's two-stage IMPACTX; a run trained only single-stage is compared with that

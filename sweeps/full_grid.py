@@ -17,13 +17,13 @@ import os
 import sys
 from pathlib import Path
 
+from impactx_ray.defaults import DEFAULT_REPLACEMENTS, MAX_EVALS, SWEEP_MORF_IMAGES
 from impactx_ray.errors import UserError
 from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides, positive_int
 from impactx_ray.sweep.search import SCHEDULERS, SEARCHES, SearchSpec, budget
 from impactx_ray.sweep.spaces import (
     COMPARABLE_METHODS,
     COMPARISON_METHODS,
-    DEFAULT_REPLACEMENTS,
     PAPER_DATASETS,
     PAPER_MODELS,
     STAGE1_SEARCHED,
@@ -34,7 +34,7 @@ from impactx_ray.sweep.spaces import (
 
 SMOKE = {"models": ["lenet5"], "datasets": ["digits"], "epochs": 3, "max_evals": 100,
          "morf_images": 50}
-FULL = {"epochs": 30, "max_evals": 2000, "morf_images": 200}
+FULL = {"epochs": 30, "max_evals": MAX_EVALS, "morf_images": SWEEP_MORF_IMAGES}
 # Set by Ray's job supervisor in the environment of every job's entrypoint.
 JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Set per cell (--models, --datasets) or searched by the grids: not flags of a sweep.

@@ -11,7 +11,7 @@ from impactx_ray.data import class_mean_maps
 from impactx_ray.models import ATTACH_POINTS, WAE, abn_loss, create_abn, create_backbone, list_backbones
 from impactx_ray.models.abn import timm_attach_point
 from impactx_ray.models.timm_backbones import TIMM_NAMES
-from impactx_ray.train import StageResult, train_abn, train_wae
+from impactx_ray.train import FitHooks, Split, StageResult, abn_plan, train, wae_plan
 
 K = 4
 CPU = torch.device("cpu")
@@ -125,12 +125,18 @@ def _digits(digits, n=64):
     return train.subset(torch.arange(n))
 
 
+def _train(cfg, make_plan, data, **hooks):
+    split = Split(data, torch.arange(48), torch.arange(48, 64))
+    return train(lambda: make_plan(split), split, seed=cfg.seed, batch_size=cfg.batch_size, device=CPU,
+                 hooks=FitHooks(progress=False, **hooks))
+
+
 def test_train_abn_one_epoch(digits):
     data = _digits(digits)
     seen = []
     cfg = RunConfig(epochs=1, batch_size=16, lr=0.003)
-    res = train_abn(cfg, data, torch.arange(48), torch.arange(48, 64), device=CPU, progress=False,
-                    on_epoch=lambda e, row: seen.append(row))
+    res = _train(cfg, lambda split: abn_plan(cfg, data.num_classes, CPU), data,
+                 on_epoch=lambda e, row: seen.append(row))
     assert isinstance(res, StageResult) and res.best_epoch == 1
     row = seen[0]
     assert row["train_loss"] == pytest.approx(row["train_ce_attention"] + row["train_ce_perception"], rel=1e-5)
@@ -143,13 +149,11 @@ def test_train_wae_keeps_m_frozen(digits):
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     maps = np.random.default_rng(0).normal(size=(64, 32, 32, 3)).astype(np.float32)
     cfg = RunConfig(epochs=1, batch_size=16, lr=0.003)
-    res = train_wae(cfg, backbone, data, maps, torch.arange(48), torch.arange(48, 64), device=CPU,
-                    progress=False)
+    res = _train(cfg, lambda split: wae_plan(cfg, backbone, split, maps, CPU), data)
     assert isinstance(res, StageResult) and len(res.history) == 1
     for k, v in res.model.M.state_dict().items():
         assert torch.equal(v, before[k]), f"frozen M changed: {k}"
     expected = class_mean_maps(maps, data.labels, data.num_classes, index=np.arange(48))
     assert torch.equal(res.model.class_means, expected)  # means from the training rows only
     with pytest.raises(ValueError, match="63 maps for 64"):
-        train_wae(cfg, backbone, data, maps[:63], torch.arange(48), torch.arange(48, 64), device=CPU,
-                  progress=False)
+        _train(cfg, lambda split: wae_plan(cfg, backbone, split, maps[:63], CPU), data)

@@ -12,10 +12,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "impactx_ray"
 
 # What each top-level part of the package may import from the package (besides itself), bottom up:
-# errors, io, lock → data → models → config → train, explain → eval, checks → methods → rundir
-# → runner → sweep → cli.
-BASE = {"errors", "io"}
+# defaults, errors, io, lock → data → models → config → train, explain → eval, checks → methods
+# → rundir → runner → sweep → cli.
+BASE = {"defaults", "errors", "io"}
 ALLOWED = {
+    "defaults": set(),
     "errors": set(),
     "io": {"errors"},
     "data": BASE,
@@ -29,7 +30,7 @@ ALLOWED = {
     "rundir": BASE | {"config", "methods", "train"},
     "runner": BASE | {"data", "config", "explain", "eval", "methods", "rundir", "train", "checks"},
     "flags": BASE,
-    "lock": {"errors"},
+    "lock": {"errors", "defaults"},
     "sweep": BASE | {"data", "models", "config", "train", "explain", "eval", "methods", "checks",
                      "lock"},
     "cli": BASE | {"data", "config", "flags", "methods", "rundir", "runner", "sweep", "lock"},

@@ -18,6 +18,7 @@ from impactx_ray.methods import (
     load_model,
     train_method,
 )
+from impactx_ray.train import FitHooks, Split
 from impactx_ray.train.checkpoint import save_checkpoint
 
 CPU = torch.device("cpu")
@@ -47,8 +48,8 @@ def test_every_method_trains_saves_and_loads(name, small, tmp_path):
     logits, and the map-producing methods give N×C×H×W maps from explain."""
     method, cfg = METHODS[name], RunConfig(epochs=1, batch_size=16, lr=0.003, max_evals=40)
     tr, va = torch.arange(48), torch.arange(48, 64)
-    inputs = TrainInputs(cfg, small, tr, va, CPU, progress=False)
-    if method.on_stage1:
+    inputs = TrainInputs(cfg, Split(small, tr, va), CPU, FitHooks(progress=False))
+    if method.builds_on_stage1:
         base, base_meta = train_method(BASELINE, inputs)
         inputs.stage1 = tmp_path / "stage1.pt"
         save_checkpoint(inputs.stage1, base.model.state_dict(), base_meta)
@@ -56,7 +57,7 @@ def test_every_method_trains_saves_and_loads(name, small, tmp_path):
     result, meta = train_method(method, inputs)
     assert meta["kind"] == name and meta["config"] == cfg.subset(method.settings)
     assert meta["val_accuracy"] == result.best_val_accuracy and meta["best_epoch"] == 1
-    if method.on_stage1:
+    if method.builds_on_stage1:
         assert meta["stage1_hash"] == file_sha256(inputs.stage1)
     else:
         assert "stage1_hash" not in meta

@@ -385,7 +385,8 @@ def test_a_collapsed_stage1_and_constant_maps_are_warned_about(finished):
 def test_the_eval_budget_bound_is_the_map_engine_s():
     import inspect
 
-    from impactx_ray.checks import MASK_BYTES, check_eval_budget
+    from impactx_ray.checks import check_eval_budget
+    from impactx_ray.defaults import MASK_BYTES
     from impactx_ray.explain.batched import BatchedPartition
 
     assert inspect.signature(BatchedPartition).parameters["max_mask_bytes"].default == MASK_BYTES

@@ -10,7 +10,16 @@ import torch
 
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData
-from impactx_ray.train.single_stage import due, train_single_stage
+from impactx_ray.train import FitHooks, Split, train
+from impactx_ray.train.single_stage import due, single_stage_plan
+
+
+def train_single_stage(cfg, data, tr, va, explain, **hooks):
+    """Single-stage training through the one loop, as the method table runs it."""
+    cpu, hooks = torch.device("cpu"), FitHooks(**hooks)
+    split = Split(data, tr, va)
+    return train(lambda: single_stage_plan(cfg, split, explain, cpu, hooks), split, seed=cfg.seed,
+                 batch_size=cfg.batch_size, device=cpu, hooks=hooks)
 
 N = 40
 
@@ -51,7 +60,7 @@ def test_everything_trains_and_maps_refresh_on_schedule():
     cfg = RunConfig(epochs=3, refresh_every=2, batch_size=8, lr=1e-3, lam=0.5)
     ex = CountingExplainer()
     tr, va = torch.arange(0, 32), torch.arange(32, N)
-    res = train_single_stage(cfg, data, tr, va, ex, device=torch.device("cpu"), progress=False)
+    res = train_single_stage(cfg, data, tr, va, ex, progress=False)
     # all N before epoch 1; after epoch 1 the even positions, after epoch 2 the odd; none after 3
     assert ex.calls == [N, N // 2, N // 2]
     assert not torch.equal(ex.weights[0], ex.weights[1])  # refreshed from the current A
@@ -67,12 +76,12 @@ def test_resume_continues_exactly_with_the_maps_of_the_moment():
     cfg = RunConfig(epochs=3, refresh_every=2, batch_size=8, lr=1e-3, lam=0.5)
     tr, va = torch.arange(0, 32), torch.arange(32, N)
     states = []
-    full = train_single_stage(cfg, data, tr, va, CountingExplainer(), device=torch.device("cpu"),
+    full = train_single_stage(cfg, data, tr, va, CountingExplainer(),
                               progress=False,
                               on_state=lambda s: states.append(copy.deepcopy(s)))
     assert states[0]["epoch"] == 1 and states[0]["targets"].shape == (N, 3, 32, 32)
     ex = CountingExplainer()
-    again = train_single_stage(cfg, data, tr, va, ex, device=torch.device("cpu"),
+    again = train_single_stage(cfg, data, tr, va, ex,
                                progress=False, resume=states[0])
     assert ex.calls == [N // 2]  # only epoch 2's refresh: the state carried the maps
     strip = [{k: v for k, v in r.items() if k != "refresh_s"} for r in again.history]

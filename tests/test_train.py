@@ -6,9 +6,21 @@ import torch
 
 from impactx_ray.config import RunConfig
 from impactx_ray.data import map_targets, scale_maps
-from impactx_ray.train import accuracy, impactx_loss, train_stage1, train_stage2
+from impactx_ray.train import FitHooks, Split, accuracy, impactx_loss, stage1_plan, stage2_plan, train
 
 CPU = torch.device("cpu")
+
+
+def train_stage1(cfg, data, tr, va, **hooks):
+    """Stage 1 through the one loop, as the method table runs it."""
+    return train(lambda: stage1_plan(cfg, data.num_classes, CPU), Split(data, tr, va), seed=cfg.seed,
+                 batch_size=cfg.batch_size, device=CPU, hooks=FitHooks(progress=False, **hooks))
+
+
+def train_stage2(cfg, backbone, data, maps, tr, va, **hooks):
+    return train(lambda: stage2_plan(cfg, backbone, Split(data, tr, va), maps, CPU), Split(data, tr, va),
+                 seed=cfg.seed, batch_size=cfg.batch_size, device=CPU,
+                 hooks=FitHooks(progress=False, **hooks))
 
 
 def test_impactx_loss_matches_hand_computation():
@@ -55,8 +67,8 @@ def test_stage1_learns_and_is_reproducible(digits):
     data = _slice(digits)
     cfg = RunConfig(epochs=4, batch_size=32, lr=0.003, seed=3)
     tr, va = torch.arange(250), torch.arange(250, 300)
-    a = train_stage1(cfg, data, tr, va, device=CPU, progress=False)
-    b = train_stage1(cfg, data, tr, va, device=CPU, progress=False)
+    a = train_stage1(cfg, data, tr, va)
+    b = train_stage1(cfg, data, tr, va)
     assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
     assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]
     assert a.best_val_accuracy == max(r["val_accuracy"] for r in a.history)
@@ -71,12 +83,12 @@ def test_stage2_keeps_m_frozen_and_logs_loss_parts(digits):
     data = _slice(digits, 200)
     cfg = RunConfig(epochs=2, batch_size=32, lr=0.003, lam=0.8)
     tr, va = torch.arange(160), torch.arange(160, 200)
-    stage1 = train_stage1(cfg, data, tr, va, device=CPU, progress=False)
+    stage1 = train_stage1(cfg, data, tr, va)
     m_before = {k: v.clone() for k, v in stage1.model.state_dict().items()}
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(200, 32, 32, 3)).astype(np.float32)
     seen = []
-    result = train_stage2(cfg, stage1.model, data, maps, tr, va, device=CPU, progress=False,
+    result = train_stage2(cfg, stage1.model, data, maps, tr, va,
                           on_epoch=lambda e, row: seen.append(row))
     assert [r["epoch"] for r in seen] == [1, 2]
     for row in seen:
@@ -94,11 +106,10 @@ def test_stage2_keeps_m_frozen_and_logs_loss_parts(digits):
 def test_stage2_rejects_maps_of_another_size(digits):
     data = _slice(digits, 40)
     cfg = RunConfig(epochs=1)
-    stage1 = train_stage1(cfg, data, torch.arange(30), torch.arange(30, 40), device=CPU,
-                          progress=False)
+    stage1 = train_stage1(cfg, data, torch.arange(30), torch.arange(30, 40))
     with pytest.raises(ValueError, match="39 maps for 40"):
         train_stage2(cfg, stage1.model, data, np.zeros((39, 32, 32, 3), np.float32),
-                     torch.arange(30), torch.arange(30, 40), device=CPU, progress=False)
+                     torch.arange(30), torch.arange(30, 40))
 
 
 def test_an_interrupted_fit_resumes_exactly(digits):
@@ -109,11 +120,11 @@ def test_an_interrupted_fit_resumes_exactly(digits):
     cfg = RunConfig(epochs=4, batch_size=32, lr=0.003, seed=1)
     tr, va = torch.arange(160), torch.arange(160, 200)
     states = []
-    full = train_stage1(cfg, data, tr, va, device=CPU, progress=False,
+    full = train_stage1(cfg, data, tr, va,
                         on_state=lambda s: states.append(copy.deepcopy(s)))
     assert [s["epoch"] for s in states] == [1, 2, 3, 4]
     seen = []
-    resumed = train_stage1(cfg, data, tr, va, device=CPU, progress=False, resume=states[1],
+    resumed = train_stage1(cfg, data, tr, va, resume=states[1],
                            on_epoch=lambda e, row: seen.append(e))
     assert seen == [3, 4]  # epochs 1 and 2 were not trained again
     assert resumed.history == full.history and resumed.best_epoch == full.best_epoch

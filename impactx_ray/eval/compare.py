@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from impactx_ray.data import ImageData
+from impactx_ray.defaults import DEFAULT_REPLACEMENTS, MORF_IMAGES
 from impactx_ray.eval.morf import (
     ORDERS,
     aopc_per_image,
@@ -75,9 +76,9 @@ def _predict(model: nn.Module, x: Tensor, device: torch.device) -> tuple[np.ndar
 
 @torch.no_grad()
 def morf_comparison(impactx: nn.Module, test: ImageData, settings: ExplainSettings, *,
-                    abn: nn.Module | None = None, n: int = 100, seed: int = 0,
+                    abn: nn.Module | None = None, n: int = MORF_IMAGES, seed: int = 0,
                     device: torch.device = CPU, progress: bool = True,
-                    replacements: tuple[str, ...] = ("noise",), sanity: bool = True
+                    replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS, sanity: bool = True
                     ) -> tuple[MorfCurves, dict[str, np.ndarray], Tensor, Tensor]:
     """MoRF and LeRF curves per method and replacement on the first ``n`` test images (the same
     noise seed for all).

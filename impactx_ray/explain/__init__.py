@@ -9,7 +9,6 @@ from impactx_ray.explain.compute import compute_store
 from impactx_ray.explain.load import find_run_store, load_checkpoint_maps, load_maps
 from impactx_ray.explain.settings import ExplainSettings
 from impactx_ray.explain.shap_maps import (
-    DEFAULT_MAX_EVALS,
     ENGINES,
     TrueClassExplainer,
     default_masker,
@@ -21,7 +20,6 @@ from impactx_ray.explain.shap_maps import (
 from impactx_ray.explain.store import MapStore
 
 __all__ = [
-    "DEFAULT_MAX_EVALS",
     "ENGINES",
     "ExplainSettings",
     "MapStore",

@@ -44,6 +44,7 @@ import shap
 import torch
 from tqdm import tqdm
 
+from impactx_ray.defaults import MASK_BYTES
 from impactx_ray.explain import owen
 
 
@@ -193,7 +194,7 @@ class BatchedPartition:
         seed: int = 0,
         forward_batch: int | None = None,
         device: torch.device | str = "cpu",
-        max_mask_bytes: int = 1 << 29,
+        max_mask_bytes: int = MASK_BYTES,
     ) -> None:
         self.device = torch.device(device)
         self.forward_batch = auto_forward_batch(self.device) if forward_batch is None else int(forward_batch)

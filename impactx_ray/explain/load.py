@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from impactx_ray.config import RunConfig
+from impactx_ray.defaults import CHECKPOINT_FILE
 from impactx_ray.errors import UserError
 from impactx_ray.explain.settings import ExplainSettings
 from impactx_ray.explain.store import MANIFEST, MapStore
@@ -19,7 +20,7 @@ def find_run_store(run_dir: str | Path, checkpoint_hash: str | None = None) -> M
     run_dir = Path(run_dir)
     cfg = RunConfig.from_saved(read_json(run_dir / "config.json"))
     if checkpoint_hash is None:
-        stage1 = run_dir / "stage1" / "model.pt"
+        stage1 = run_dir / "stage1" / CHECKPOINT_FILE
         if not stage1.is_file():
             raise UserError(f"{stage1} does not exist; run stage 1 before looking for its maps")
         checkpoint_hash = file_sha256(stage1)

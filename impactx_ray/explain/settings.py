@@ -28,19 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from impactx_ray.data import ImageData, dataset_fingerprint
+from impactx_ray.defaults import MAX_EVALS, SHAP_BATCH_SIZE
 from impactx_ray.errors import UserError
 from impactx_ray.explain.forward import DEFAULT_COMPILE, DEFAULT_PRECISION, check_compile, check_precision
 from impactx_ray.explain.shap_maps import (
     DEFAULT_ENGINE,
-    DEFAULT_MAX_EVALS,
-    MIN_MAX_EVALS,
     check_engine,
+    check_max_evals,
     default_masker,
     validate_masker,
 )
 from impactx_ray.explain.store import MANIFEST, MapStore
 
-DEFAULT_SHAP_BATCH_SIZE = 100
 #: Settings that decide how maps are computed but not what they are: not in a store's meta.
 RUN_ONLY = ("compile",)
 
@@ -51,8 +50,8 @@ class ExplainSettings:
     the forward's precision; and whether the engine may compile the forward (run-only)."""
 
     masker: str | None = None          # None: default_masker(H, W), a blur a quarter of the image wide
-    max_evals: int = DEFAULT_MAX_EVALS  # model evaluations per map (paper: 2000)
-    batch_size: int = DEFAULT_SHAP_BATCH_SIZE  # shap's explainer batch_size (maps depend on it)
+    max_evals: int = MAX_EVALS         # model evaluations per map (paper: 2000)
+    batch_size: int = SHAP_BATCH_SIZE  # shap's explainer batch_size (maps depend on it)
     seed: int = 0                      # seeds shap's random tie-breaking, per image
     engine: str = DEFAULT_ENGINE       # "batched" (exact, fast) or "shap" (the reference)
     precision: str = DEFAULT_PRECISION  # forward precision: fp32 (shap-exact), bf16 or fp16
@@ -61,10 +60,9 @@ class ExplainSettings:
     def __post_init__(self) -> None:
         if self.masker is not None:
             validate_masker(self.masker)
-        for name, value, minimum in (("max_evals", self.max_evals, MIN_MAX_EVALS),
-                                     ("batch_size", self.batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise UserError(f"{name}={value!r} is invalid; use an int >= {minimum}")
+        check_max_evals(self.max_evals)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise UserError(f"batch_size={self.batch_size!r} is invalid; use an int >= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise UserError(f"seed={self.seed!r} is invalid; use an int")
         check_engine(self.engine)

@@ -37,18 +37,14 @@ import shap
 import torch
 from tqdm import tqdm
 
+from impactx_ray.defaults import MAX_EVALS, MIN_MAX_EVALS, SHAP_BATCH_SIZE
 from impactx_ray.errors import UserError
 from impactx_ray.explain.batched import BatchedPartition, auto_forward_batch
 from impactx_ray.explain.forward import DEFAULT_COMPILE, DEFAULT_PRECISION, ModelForward
 
-DEFAULT_MAX_EVALS = 2000
 #: ``"batched"``: shap's recursion for many images at once (the default); ``"shap"``: shap itself.
 ENGINES = ("batched", "shap")
 DEFAULT_ENGINE = "batched"
-#: shap's Partition explainer accepts any max_evals (the 2 * features + 1 rule is the Permutation
-#: explainer's): it spends 2 on the unmasked and fully masked image, then 2 per split, so with
-#: max_evals <= 2 it silently returns a constant map (3 overshoots to 4). Ask for one split at least.
-MIN_MAX_EVALS = 4
 _BLUR_RE = re.compile(r"^blur\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
 
 
@@ -172,6 +168,13 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_max_evals(max_evals: object) -> None:
+    """UserError unless ``max_evals`` is an int >= MIN_MAX_EVALS (defaults.py says why)."""
+    if isinstance(max_evals, bool) or not isinstance(max_evals, (int, np.integer)) or max_evals < MIN_MAX_EVALS:
+        raise UserError(f"max_evals={max_evals!r} is invalid; use an int >= {MIN_MAX_EVALS} "
+                        f"(the paper uses {MAX_EVALS})")
+
+
 def _check_positive_int(name: str, value: object, hint: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise UserError(f"{name}={value!r} is invalid; use an int >= 1 ({hint})")
@@ -199,9 +202,9 @@ class TrueClassExplainer:
         model: torch.nn.Module,
         image_shape: tuple[int, int, int],
         *,
-        max_evals: int = DEFAULT_MAX_EVALS,
+        max_evals: int = MAX_EVALS,
         masker: str | None = None,
-        batch_size: int = 100,
+        batch_size: int = SHAP_BATCH_SIZE,
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         engine: str = "shap",
@@ -212,9 +215,8 @@ class TrueClassExplainer:
     ) -> None:
         c, h, w = image_shape
         self.masker = validate_masker(masker or default_masker(h, w))
-        if isinstance(max_evals, bool) or not isinstance(max_evals, (int, np.integer)) or max_evals < MIN_MAX_EVALS:
-            raise UserError(f"max_evals={max_evals!r} is invalid; use an int >= {MIN_MAX_EVALS} (the paper uses 2000)")
-        _check_positive_int("batch_size", batch_size, "default 100")
+        check_max_evals(max_evals)
+        _check_positive_int("batch_size", batch_size, f"default {SHAP_BATCH_SIZE}")
         if forward_batch is not None:
             _check_positive_int("forward_batch", forward_batch, "or None: 512 on CPU, 4096 on CUDA")
         self.engine = check_engine(engine)
@@ -299,9 +301,9 @@ def explain_true_class(
     images: torch.Tensor,
     labels: torch.Tensor | np.ndarray | Sequence[int],
     *,
-    max_evals: int = DEFAULT_MAX_EVALS,
+    max_evals: int = MAX_EVALS,
     masker: str | None = None,
-    batch_size: int = 100,
+    batch_size: int = SHAP_BATCH_SIZE,
     progress: bool = True,
     seed: int = 0,
     torch_threads: int | None = None,
@@ -344,9 +346,9 @@ def explain_batch(
     images_hwc: np.ndarray,
     labels: np.ndarray | Sequence[int],
     *,
-    max_evals: int = DEFAULT_MAX_EVALS,
+    max_evals: int = MAX_EVALS,
     masker: str | None = None,
-    batch_size: int = 100,
+    batch_size: int = SHAP_BATCH_SIZE,
     seed: int = 0,
     forward_batch: int | None = None,
     engine: str = DEFAULT_ENGINE,

@@ -8,9 +8,9 @@ from typing import Any
 
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData
+from impactx_ray.defaults import DEFAULT_REPLACEMENTS
 from impactx_ray.explain import ExplainSettings
 from impactx_ray.methods import METHODS, ModelSpec, load_model
-from impactx_ray.sweep.spaces import DEFAULT_REPLACEMENTS
 
 
 def morf_task(out: str, cfg: dict[str, Any], test: ImageData, impactx_ckpt: Path,

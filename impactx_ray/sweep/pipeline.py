@@ -26,6 +26,7 @@ from ray import tune
 from impactx_ray.checks import winner_warnings
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, load_dataset
+from impactx_ray.defaults import CHECKPOINT_FILE, DEFAULT_REPLACEMENTS, SELECTION_METRIC, SWEEP_MORF_IMAGES
 from impactx_ray.errors import UserError
 from impactx_ray.eval.road import REPLACEMENTS
 from impactx_ray.explain import ExplainSettings
@@ -40,7 +41,6 @@ from impactx_ray.sweep.search import SearchSpec, stopped_early, tune_plan
 from impactx_ray.sweep.spaces import (
     COMPARABLE_METHODS,
     COMPARISON_METHODS,
-    DEFAULT_REPLACEMENTS,
     STAGE1_SEARCHED,
     STAGE2_SEARCHED,
     Cell,
@@ -61,7 +61,7 @@ from impactx_ray.sweep.trainables import (
     trial_tags,
 )
 
-METRIC = "best_val_accuracy"  # selection is by validation accuracy, never test accuracy
+METRIC = SELECTION_METRIC  # selection is by validation accuracy, never test accuracy
 
 
 @dataclass
@@ -74,7 +74,7 @@ class SweepOptions:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     map_workers: int | None = None        # None: one per GPU in the cluster, else one per CPU
-    morf_images: int = 200                # test images for MoRF (0: skip MoRF)
+    morf_images: int = SWEEP_MORF_IMAGES  # test images for MoRF (0: skip MoRF)
     replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS  # what replaces removed regions
     comparison: tuple[str, ...] = COMPARISON_METHODS     # methods on the stage-1 winner's settings
     max_failures: int = 0
@@ -210,7 +210,7 @@ def best(results: Any, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str,
         raise StageFailed(f"none of its {len(results)} trials finished (first error: {first})",
                           failed=len(results.errors))
     params = {k: winner.config[k] for k in keys}
-    return params, dict(winner.metrics), Path(winner.checkpoint.path) / "model.pt"
+    return params, dict(winner.metrics), Path(winner.checkpoint.path) / CHECKPOINT_FILE
 
 
 def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Path,
@@ -302,7 +302,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     if opts.morf_images:
         abn = others.get("abn")
         summary = morf_for_cell(opts, tracker, cell, cell_run, winner_cfg, test, ckpt2,
-                                Path(abn.checkpoint.path) / "model.pt" if abn else None)
+                                Path(abn.checkpoint.path) / CHECKPOINT_FILE if abn else None)
         row.update(aopc=summary["aopc"], metrics=summary["metrics"], sanity=summary["sanity"])
         tracker.metrics(cell_run, summary["flat_metrics"])  # morf.<replacement>.<method>.<measure>
     tracker.params(cell_run, {k: row[k] for k in (*STAGE1_SEARCHED, *STAGE2_SEARCHED)})

@@ -15,9 +15,10 @@ from typing import Any
 
 from ray import tune
 
+from impactx_ray.defaults import SELECTION_METRIC
 from impactx_ray.sweep.search import stopped_early
 
-METRIC = "best_val_accuracy"
+METRIC = SELECTION_METRIC
 
 
 def _clock(seconds: float) -> str:

@@ -81,8 +81,6 @@ def cells(models: tuple[str, ...] = PAPER_MODELS,
 COMPARISON_METHODS = ("abn", "wae")
 # name: title (the method table's; kept here so that full_grid.py parses its flags without torch)
 COMPARABLE_METHODS = {"abn": "ABN", "wae": "WAE", "impactx_single": "IMPACTX single-stage"}
-# What replaces the removed regions in the MoRF/LeRF curves: the paper's noise.
-DEFAULT_REPLACEMENTS = ("noise",)
 
 
 def plan(cell_list: list[Cell], smoke: bool = False, full_stage2: bool = False,

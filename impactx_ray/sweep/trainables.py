@@ -4,7 +4,8 @@ point of its stage's grid, exactly as ``impactx run`` would.
 A trial's ``config`` is a flat dict: every ``RunConfig`` field, the method's name and, for the
 methods built on the stage-1 model, the paths of the stage-1 winner's checkpoint and its map
 store. Each epoch is reported to Tune; the last report adds the best validation accuracy, the test
-accuracy and the model as a Tune checkpoint (``model.pt``, with the method's checkpoint meta).
+accuracy and the model as a Tune checkpoint (``CHECKPOINT_FILE``, with the method's checkpoint
+meta).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from ray import tune
 
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, load_dataset, train_val_split
+from impactx_ray.defaults import CHECKPOINT_FILE, SELECTION_METRIC
 from impactx_ray.explain import load_maps
 from impactx_ray.io import write_json
 from impactx_ray.methods import TrainInputs, get_method, train_method
 from impactx_ray.sweep.search import INDEX_KEY
-from impactx_ray.train import StageResult, accuracy, resolve_device
+from impactx_ray.train import FitHooks, Split, StageResult, accuracy, resolve_device
 from impactx_ray.train.checkpoint import save_checkpoint
 
 # Trial config entries that are not RunConfig fields.
@@ -47,7 +49,7 @@ def _report_with_state(epochs: int):
     def on_state(state: dict[str, Any]) -> None:
         if state["epoch"] >= epochs:
             return
-        metrics = {**state["history"][-1], "best_val_accuracy": state["best_val_accuracy"]}
+        metrics = {**state["history"][-1], SELECTION_METRIC: state["best_val_accuracy"]}
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / RESUME_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -65,11 +67,11 @@ def _last_state() -> dict[str, Any] | None:
 
 
 def _final_report(result: StageResult, test_accuracy: float, meta: dict[str, Any]) -> None:
-    metrics = {**result.history[-1], "best_val_accuracy": result.best_val_accuracy,
+    metrics = {**result.history[-1], SELECTION_METRIC: result.best_val_accuracy,
                "best_epoch": result.best_epoch, "test_accuracy": test_accuracy,
                "train_seconds": result.seconds}
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp) / "model.pt", result.model.state_dict(), meta)
+        save_checkpoint(Path(tmp) / CHECKPOINT_FILE, result.model.state_dict(), meta)
         write_json(Path(tmp) / "history.json", result.history)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
@@ -89,9 +91,9 @@ def method_trainable(config: dict[str, Any],
     if resume is not None:
         print(f"{method.name}: resuming after epoch {resume['epoch']} from the trial's checkpoint",
               flush=True)
-    inputs = TrainInputs(cfg, train, tr, va, device, progress=False, resume=resume,
-                         on_state=_report_with_state(method.epochs(cfg)))
-    if method.on_stage1:
+    hooks = FitHooks(on_state=_report_with_state(method.epochs(cfg)), resume=resume, progress=False)
+    inputs = TrainInputs(cfg, Split(train, tr, va), device, hooks)
+    if method.builds_on_stage1:
         inputs.stage1 = Path(config[STAGE1_CHECKPOINT])
     if method.needs_maps:
         inputs.maps = load_maps(config[MAPS])  # the shared store: computed once per winner

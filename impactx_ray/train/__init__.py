@@ -1,11 +1,13 @@
-"""Training: losses, the shared epoch loop, both stages, ABN/WAE and checkpoint I/O (no Ray, no
-MLflow, nothing from ``explain``: maps arrive as arrays)."""
+"""Training: losses, the one epoch loop, a plan per method for it, and checkpoint I/O (no Ray,
+no MLflow, nothing from ``explain``: maps arrive as arrays, the single-stage explainer as a
+function)."""
 
-from impactx_ray.train.comparison import train_abn, train_wae
-from impactx_ray.train.loop import StageResult, accuracy, resolve_device
+from impactx_ray.train.comparison import abn_plan, wae_plan
+from impactx_ray.train.loop import FitHooks, Split, StageResult, TrainPlan, accuracy, fit, resolve_device, train
 from impactx_ray.train.losses import impactx_loss
-from impactx_ray.train.stage1 import new_backbone, train_stage1
-from impactx_ray.train.stage2 import train_stage2
+from impactx_ray.train.stage1 import new_backbone, stage1_plan
+from impactx_ray.train.stage2 import stage2_plan
 
-__all__ = ["StageResult", "accuracy", "impactx_loss", "new_backbone", "resolve_device",
-           "train_abn", "train_stage1", "train_stage2", "train_wae"]
+__all__ = ["FitHooks", "Split", "StageResult", "TrainPlan", "abn_plan", "accuracy", "fit",
+           "impactx_loss", "new_backbone", "resolve_device", "stage1_plan", "stage2_plan", "train",
+           "wae_plan"]

@@ -96,22 +96,66 @@ class StageResult:
     seconds: float = 0.0
 
 
-def fit(label: str, model: nn.Module, step: StepFn, params: list[nn.Parameter], *, lr: float,
-        epochs: int, batch_size: int, generator: torch.Generator, train: ImageData,
-        train_idx: Tensor, val_idx: Tensor, device: torch.device,
-        on_epoch: EpochCallback | None = None, progress: bool = True,
-        validate: Callable[[nn.Module], dict[str, float]] | None = None,
-        resume: FitState | None = None, on_state: StateCallback | None = None) -> StageResult:
-    """The epoch loop every method shares: Adam over ``params``, one ``step`` per batch, then
-    validation accuracy (plus ``validate(model)``'s metrics); keeps the state with the best
-    validation accuracy (the earliest on ties) and returns it loaded, in eval mode.
+@dataclass
+class Split:
+    """The training set and which of its rows train and which validate."""
 
-    History rows: ``epoch``, ``train_loss``, ``train_<part>`` for each part ``step`` returns,
-    ``val_accuracy`` and the ``validate`` metrics. After every epoch ``on_state`` receives the
-    whole state (model, optimizer, shuffling and dropout RNGs, best weights so far, history);
-    ``resume`` with such a state goes on from the epoch after it, as if never interrupted.
+    data: ImageData
+    train_idx: Tensor
+    val_idx: Tensor
+
+
+@dataclass
+class FitHooks:
+    """How the caller follows and steers a fit: ``on_epoch`` gets each epoch's history row,
+    ``on_state`` the whole state after each epoch, ``resume`` such a state to go on from."""
+
+    on_epoch: EpochCallback | None = None
+    on_state: StateCallback | None = None
+    resume: FitState | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainPlan:
+    """One method's training, as the one loop (:func:`fit`) runs it: the model, its per-batch
+    ``step``, the ``params`` that learn at ``lr`` for ``epochs``. ``validate(model, epoch)`` adds
+    metrics to an epoch's row after its validation accuracy; ``extra_state()`` adds entries to
+    every fit state (single-stage training keeps its current targets there)."""
+
+    label: str
+    model: nn.Module
+    step: StepFn
+    params: list[nn.Parameter]
+    lr: float
+    epochs: int
+    validate: Callable[[nn.Module, int], dict[str, float]] | None = None
+    extra_state: Callable[[], dict] | None = None
+
+
+def train(plan_of: Callable[[], TrainPlan], split: Split, *, seed: int, batch_size: int,
+          device: torch.device, hooks: FitHooks | None = None) -> StageResult:
+    """Seed, build the plan (its model's initialisation draws from the seeded RNG), then fit it.
+    Every method trains through here."""
+    generator = seed_everything(seed)
+    return fit(plan_of(), split, batch_size=batch_size, generator=generator, device=device,
+               hooks=hooks or FitHooks())
+
+
+def fit(plan: TrainPlan, split: Split, *, batch_size: int, generator: torch.Generator,
+        device: torch.device, hooks: FitHooks) -> StageResult:
+    """The epoch loop every method shares: Adam over ``plan.params``, one ``plan.step`` per
+    batch, then validation accuracy (plus ``plan.validate``'s metrics); keeps the state with the
+    best validation accuracy (the earliest on ties) and returns it loaded, in eval mode.
+
+    History rows: ``epoch``, ``train_loss``, ``train_<part>`` for each part the step returns,
+    ``val_accuracy`` and the ``validate`` metrics. After every epoch ``hooks.on_state`` receives
+    the whole state (model, optimizer, shuffling and dropout RNGs, best weights so far, history,
+    the plan's extra state); ``hooks.resume`` with such a state goes on from the epoch after it,
+    as if never interrupted.
     """
-    optimizer = torch.optim.Adam(params, lr=lr)
+    model, train, epochs, resume = plan.model, split.data, plan.epochs, hooks.resume
+    optimizer = torch.optim.Adam(plan.params, lr=plan.lr)
     best_state, best_acc, best_epoch, history, done, spent = None, -1.0, 0, [], 0, 0.0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -122,16 +166,17 @@ def fit(label: str, model: nn.Module, step: StepFn, params: list[nn.Parameter], 
         best_epoch, history = resume["best_epoch"], list(resume["history"])
         done, spent = resume["epoch"], resume["seconds"]
     start = time.perf_counter() - spent
-    steps = num_batches(len(train_idx), batch_size)
+    steps = num_batches(len(split.train_idx), batch_size)
     for epoch in range(done + 1, epochs + 1):
         model.train()
         sums: dict[str, float] = {}
         seen = 0
-        bar = tqdm(index_batches(train_idx, batch_size, generator=generator), total=steps,
-                   desc=f"{label} epoch {epoch}/{epochs}", leave=False, disable=not progress)
+        bar = tqdm(index_batches(split.train_idx, batch_size, generator=generator), total=steps,
+                   desc=f"{plan.label} epoch {epoch}/{epochs}", leave=False,
+                   disable=not hooks.progress)
         for idx in bar:
             x, y = train.float_images(idx).to(device), train.labels[idx].to(device)
-            loss, parts = step(model, x, y, idx)
+            loss, parts = plan.step(model, x, y, idx)
             check_finite(loss, epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -141,26 +186,27 @@ def fit(label: str, model: nn.Module, step: StepFn, params: list[nn.Parameter], 
             seen += len(idx)
             bar.set_postfix({k: f"{v / seen:.4f}" for k, v in sums.items()}, refresh=False)
         row = {"epoch": epoch, **{f"train_{k}": v / seen for k, v in sums.items()},
-               "val_accuracy": accuracy(model, train, device=device, indices=val_idx)}
-        if validate is not None:
-            row.update(validate(model))
+               "val_accuracy": accuracy(model, train, device=device, indices=split.val_idx)}
+        if plan.validate is not None:
+            row.update(plan.validate(model, epoch))
         history.append(row)
         if row["val_accuracy"] > best_acc:
             best_acc, best_epoch = row["val_accuracy"], epoch
             best_state = copy.deepcopy(model.state_dict())
-        if progress:
+        if hooks.progress:
             shown = ", ".join(f"{k.replace('train_', '')} {v:.4f}" for k, v in row.items()
                               if k != "epoch")
-            tqdm.write(f"{label} epoch {epoch}/{epochs}: {shown}"
+            tqdm.write(f"{plan.label} epoch {epoch}/{epochs}: {shown}"
                        f"{'  *best' if best_epoch == epoch else ''}")
-        if on_epoch is not None:
-            on_epoch(epoch, row)
-        if on_state is not None:
-            on_state({"epoch": epoch, "model": model.state_dict(),
-                      "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                      "torch_rng": torch.get_rng_state(), "best_state": best_state,
-                      "best_val_accuracy": best_acc, "best_epoch": best_epoch,
-                      "history": history, "seconds": time.perf_counter() - start})
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(epoch, row)
+        if hooks.on_state is not None:
+            hooks.on_state({"epoch": epoch, "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                            "torch_rng": torch.get_rng_state(), "best_state": best_state,
+                            "best_val_accuracy": best_acc, "best_epoch": best_epoch,
+                            "history": history, "seconds": time.perf_counter() - start,
+                            **(plan.extra_state() if plan.extra_state is not None else {})})
     model.load_state_dict(best_state)
     model.eval()
     return StageResult(model, best_epoch, best_acc, history, time.perf_counter() - start)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, map_targets
 from impactx_ray.models import ImpactX
-from impactx_ray.train.loop import EpochCallback, FitState, StageResult, StateCallback, fit, seed_everything
+from impactx_ray.train.loop import FitHooks, Split, TrainPlan
 from impactx_ray.train.losses import impactx_loss
 from impactx_ray.train.stage1 import new_backbone
 from impactx_ray.train.stage2 import map_mse
@@ -57,27 +57,24 @@ def refresh(model: ImpactX, explain: ExplainFn, data: ImageData, targets: Tensor
     return time.perf_counter() - start
 
 
-def train_single_stage(cfg: RunConfig, train: ImageData, train_idx: Tensor, val_idx: Tensor,
-                       explain: ExplainFn, *, device: torch.device,
-                       on_epoch: EpochCallback | None = None, progress: bool = True,
-                       resume: FitState | None = None,
-                       on_state: StateCallback | None = None) -> StageResult:
+def single_stage_plan(cfg: RunConfig, split: Split, explain: ExplainFn, device: torch.device,
+                      hooks: FitHooks) -> TrainPlan:
     """IMPACTX trained in one stage for ``cfg.epochs`` epochs at ``cfg.lr`` (see the module
-    docstring); history rows add ``ce_A``, ``maps_refreshed`` and ``refresh_s`` to stage 2's."""
-    every = cfg.refresh_every
-    generator = seed_everything(cfg.seed)
+    docstring); history rows add ``ce_A``, ``maps_refreshed`` and ``refresh_s`` to stage 2's.
+    The fit state carries the targets of the moment, so a resumed fit needs no initial maps."""
+    every, train = cfg.refresh_every, split.data
     h, w = train.image_size
     model = ImpactX.from_backbone(new_backbone(cfg, train.num_classes), image_size=(h, w),
                                   channels=int(train.images.shape[1]), freeze=False).to(device)
-    if resume is not None:
-        targets = resume["targets"].clone()
+    if hooks.resume is not None:
+        targets = hooks.resume["targets"].clone()
     else:
         targets = torch.empty(len(train), int(train.images.shape[1]), h, w)  # N×C×H×W
-        if progress:
+        if hooks.progress:
             print(f"single stage: maps of all {len(train)} training images from the initial A, "
                   f"then of 1/{every} of them after each epoch", flush=True)
         seconds = refresh(model, explain, train, targets, torch.arange(len(train)), device=device)
-        if progress:
+        if hooks.progress:
             print(f"single stage: {len(train)} maps of the initial A in {seconds:.1f} s", flush=True)
 
     def step(model: ImpactX, x: Tensor, y: Tensor, idx: Tensor):
@@ -88,23 +85,13 @@ def train_single_stage(cfg: RunConfig, train: ImageData, train_idx: Tensor, val_
         ce_a = F.cross_entropy(m, y)
         return loss + ce_a, {"ce": ce, "ce_A": ce_a, "mse": mse}
 
-    epoch = [resume["epoch"] if resume is not None else 0]
-
-    def validate(model: ImpactX) -> dict[str, float]:
-        epoch[0] += 1
-        row = {"val_mse": map_mse(model, train, targets, val_idx, device=device)}
-        idx = due(len(train), epoch[0], every) if epoch[0] < cfg.epochs else torch.arange(0)
+    def validate(model: ImpactX, epoch: int) -> dict[str, float]:
+        row = {"val_mse": map_mse(model, train, targets, split.val_idx, device=device)}
+        idx = due(len(train), epoch, every) if epoch < cfg.epochs else torch.arange(0)
         row["maps_refreshed"] = float(len(idx))
         row["refresh_s"] = refresh(model, explain, train, targets, idx, device=device) if len(idx) else 0.0
         return row
 
-    def keep_targets(state: FitState) -> None:
-        if on_state is not None:
-            on_state({**state, "targets": targets.clone()})
-
-    params = list(model.parameters())
-    return fit("single stage", model, step, params, lr=cfg.lr, epochs=cfg.epochs,
-               batch_size=cfg.batch_size, generator=generator, train=train, train_idx=train_idx,
-               val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress,
-               resume=resume, on_state=keep_targets if on_state is not None else None,
-               validate=validate)
+    return TrainPlan("single stage", model, step, list(model.parameters()), lr=cfg.lr,
+                     epochs=cfg.epochs, validate=validate,
+                     extra_state=lambda: {"targets": targets.clone()})

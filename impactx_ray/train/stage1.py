@@ -1,7 +1,8 @@
-"""Stage 1: train the plain classifier A = Q∘M and keep the weights with the best validation accuracy.
+"""Stage 1: the plain classifier A = Q∘M, trained with cross-entropy; the loop keeps the weights
+with the best validation accuracy.
 
-Pure PyTorch: the caller passes data and gets back the model and its history; writing files, Tune
-reports and MLflow logging hook in through ``on_epoch``.
+Pure PyTorch: a plan for the one loop (``loop.fit``); writing files, Tune reports and MLflow
+logging hook in through the loop's ``FitHooks``.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from impactx_ray.config import RunConfig
-from impactx_ray.data import ImageData
 from impactx_ray.models import Backbone, create_backbone, default_pretrained
-from impactx_ray.train.loop import EpochCallback, FitState, StageResult, StateCallback, fit, seed_everything
-
-__all__ = ["EpochCallback", "StageResult", "new_backbone", "train_stage1"]
+from impactx_ray.train.loop import TrainPlan
 
 
 def new_backbone(cfg: RunConfig, num_classes: int) -> Backbone:
@@ -26,20 +24,12 @@ def new_backbone(cfg: RunConfig, num_classes: int) -> Backbone:
                            input_size=cfg.input_size)
 
 
-def train_stage1(cfg: RunConfig, train: ImageData, train_idx: torch.Tensor, val_idx: torch.Tensor,
-                 *, device: torch.device, on_epoch: EpochCallback | None = None,
-                 progress: bool = True, resume: FitState | None = None,
-                 on_state: StateCallback | None = None) -> StageResult:
-    """Train A on ``train[train_idx]`` for ``cfg.epochs``; select by accuracy on ``train[val_idx]``."""
-    generator = seed_everything(cfg.seed)
-    model = new_backbone(cfg, train.num_classes).to(device)
-    return fit("stage 1", model, _ce_step, list(model.parameters()), lr=cfg.lr,
-               epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, train=train,
-               train_idx=train_idx, val_idx=val_idx, device=device, on_epoch=on_epoch,
-               progress=progress, resume=resume,
-               on_state=on_state)
+def stage1_plan(cfg: RunConfig, num_classes: int, device: torch.device) -> TrainPlan:
+    """A, all of it learning at ``cfg.lr`` for ``cfg.epochs``."""
+    model = new_backbone(cfg, num_classes).to(device)
+    return TrainPlan("stage 1", model, ce_step, list(model.parameters()), lr=cfg.lr,
+                     epochs=cfg.epochs)
 
 
-def _ce_step(model: nn.Module, x: Tensor, y: Tensor, idx: Tensor
-             ) -> tuple[Tensor, dict[str, Tensor]]:
+def ce_step(model: nn.Module, x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     return F.cross_entropy(model(x), y), {}

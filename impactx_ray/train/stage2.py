@@ -12,15 +12,7 @@ import torch
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, map_targets
 from impactx_ray.models import Backbone, ImpactX
-from impactx_ray.train.loop import (
-    EpochCallback,
-    FitState,
-    StageResult,
-    StateCallback,
-    fit,
-    index_batches,
-    seed_everything,
-)
+from impactx_ray.train.loop import Split, TrainPlan, index_batches
 from impactx_ray.train.losses import impactx_loss
 
 
@@ -36,30 +28,25 @@ def map_mse(model: ImpactX, data: ImageData, targets: torch.Tensor, indices: tor
     return total / max(len(indices), 1)
 
 
-def train_stage2(cfg: RunConfig, backbone: Backbone, train: ImageData, maps: np.ndarray,
-                 train_idx: torch.Tensor, val_idx: torch.Tensor, *, device: torch.device,
-                 on_epoch: EpochCallback | None = None, progress: bool = True,
-                 resume: FitState | None = None,
-                 on_state: StateCallback | None = None) -> StageResult:
-    """Train IMPACTX around the trained ``backbone``; ``maps`` holds one map per ``train`` image."""
+def stage2_plan(cfg: RunConfig, backbone: Backbone, split: Split, maps: np.ndarray,
+                device: torch.device) -> TrainPlan:
+    """IMPACTX around the trained ``backbone`` (M, frozen): LEP, D and C learn at ``cfg.lr2``
+    for ``cfg.epochs2``; ``maps`` (N×H×W×C) holds one map per training-set image."""
+    train = split.data
     if len(maps) != len(train):
         raise ValueError(f"{len(maps)} maps for {len(train)} training images")
-    targets = map_targets(maps)
-    generator = seed_everything(cfg.seed)
+    targets = map_targets(maps)  # N×H×W×C raw -> N×C×H×W in [-1, 1]
     h, w = train.image_size
     model = ImpactX.from_backbone(backbone, image_size=(h, w), channels=maps.shape[-1]).to(device)
     model.freeze_backbone()  # M stays in eval mode: ImpactX.train keeps a frozen backbone frozen
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def step(model: ImpactX, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         logits, pred_maps = model.outputs(x)
         loss, ce, mse = impactx_loss(logits, y, pred_maps, targets[idx].to(device), cfg.lam)
         return loss, {"ce": ce, "mse": mse}
 
-    def validate(model: ImpactX) -> dict[str, float]:
-        return {"val_mse": map_mse(model, train, targets, val_idx, device=device)}
+    def validate(model: ImpactX, epoch: int) -> dict[str, float]:
+        return {"val_mse": map_mse(model, train, targets, split.val_idx, device=device)}
 
-    return fit("stage 2", model, step, params, lr=cfg.lr2, epochs=cfg.epochs2,
-               batch_size=cfg.batch_size, generator=generator, train=train, train_idx=train_idx,
-               val_idx=val_idx, device=device, on_epoch=on_epoch, progress=progress, resume=resume,
-               on_state=on_state, validate=validate)
+    return TrainPlan("stage 2", model, step, [p for p in model.parameters() if p.requires_grad],
+                     lr=cfg.lr2, epochs=cfg.epochs2, validate=validate)
