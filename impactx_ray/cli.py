@@ -169,7 +169,7 @@ def execute(run: Any, args: argparse.Namespace) -> None:
 def run_command(args: argparse.Namespace) -> None:
     out: Path = args.out
     if args.command == "report":
-        from impactx_ray.sweep.report import report
+        from impactx_ray.report import report
 
         report(out)
         return

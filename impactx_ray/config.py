@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from impactx_ray.defaults import MAX_EVALS, MIN_MAX_EVALS, SHAP_BATCH_SIZE
@@ -57,7 +57,6 @@ class RunConfig:
     download: bool = False
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     refresh_every: int = 1            # single-stage training: each map recomputed every E epochs
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         check_int("--batch-size", self.batch_size, minimum=1)
@@ -107,9 +106,7 @@ class RunConfig:
 
     # -- flat dicts (config.json, Tune, MLflow params) ------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_saved(cls, d: Any, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -124,7 +121,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"unknown config keys {unknown}; known keys: {sorted(known)}")

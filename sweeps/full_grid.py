@@ -147,15 +147,15 @@ def dry_run(args: argparse.Namespace, cell_list: list) -> int:
     if unknown:
         raise UserError(f"--replacement: unknown {unknown[0]!r}; use one or more of "
                         f"{', '.join(REPLACEMENTS)}")
-    spec: SearchSpec = args.search_spec
-    small = args.smoke and spec.search == "grid"
-    if spec.search == "grid":
+    search: SearchSpec = args.search_spec
+    small = args.smoke and search.search == "grid"
+    if search.search == "grid":
         print("\n".join(plan(cell_list, args.smoke, args.stage2_space == "full",
                              comparison=tuple(args.comparison))))
     else:
         print(f"{len(cell_list)} cells; Optuna samples Table 1's values")
         print("\n".join(f"  {c.name}: model={c.model} dataset={c.dataset}" for c in cell_list))
-    print("\n".join(budget(cell_list, spec, small=small, full_stage2=args.stage2_space == "full",
+    print("\n".join(budget(cell_list, search, small=small, full_stage2=args.stage2_space == "full",
                            epochs=args.trial_epochs, stage2_epochs=args.trial_epochs2,
                            comparison=tuple(args.comparison))))
     root = getattr(args, "data_root", "./data")

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from impactx_ray.cli import main
-from impactx_ray.eval.compare import PAPER_TABLE2
-from impactx_ray.sweep.report import collect_rows, summary_markdown
+from impactx_ray.eval.paper import PAPER_TABLE2
+from impactx_ray.report import collect_rows, summary_markdown
 
 
 def sweep_dir(tmp_path):

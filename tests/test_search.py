@@ -10,8 +10,8 @@ import optuna
 import pytest
 
 from impactx_ray.errors import UserError
+from impactx_ray.report import summary_markdown
 from impactx_ray.sweep.pipeline import StageFailed, StageOutcome, SweepOptions, best
-from impactx_ray.sweep.report import summary_markdown
 from impactx_ray.sweep.search import INDEX_KEY, OptunaSpace, SearchSpec, budget, stopped_early, tune_plan
 from impactx_ray.sweep.spaces import LEARNING_RATES, Space, cells, stage1_space
 from impactx_ray.sweep.trainables import run_config

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from impactx_ray.data import train_val_split
-from impactx_ray.sweep.report import summary_markdown, write_summary
+from impactx_ray.report import summary_markdown, write_summary
 from impactx_ray.sweep.spaces import LAMBDAS, LEARNING_RATES, cells, plan, stage1_space, stage2_space
 
 from cluster import LocalCluster, MlflowServer, session_pids

@@ -97,10 +97,6 @@ def noise_images(images: Tensor, seed: int) -> Tensor:
     return _draw_noise(g, len(images), images.shape[1:], lo, hi)
 
 
-def _perturb(x: Tensor, ranks: Tensor, noise: Tensor, k: int) -> Tensor:
-    return torch.where((ranks < k).unsqueeze(1), noise, x)  # N×1×H×W mask broadcast over channels
-
-
 def perturbed_images(images: ArrayLike, maps: ArrayLike, k: int, *, region: int | None = None,
                      seed: int = 0, order: str = "morf", replacement: str = "noise") -> Tensor:
     """The images after step k (top-k regions replaced), exactly as ``morf_curve`` builds them."""

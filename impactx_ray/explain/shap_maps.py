@@ -193,8 +193,8 @@ class TrueClassExplainer:
     Building it costs the partition tree once; ``explain(x_hwc, y)`` gives one map and
     ``explain_many(x_hwc, labels)`` a batch (the batched engine runs the whole batch in lockstep).
     Used by :func:`explain_true_class`, :func:`explain_batch` and the map store. ``engine``
-    defaults to ``"shap"`` here so that callers which record the engine in a store's meta say
-    which one they use; the functions below default to ``"batched"``.
+    defaults to ``"batched"``, as everywhere; what records the engine in a store's meta passes it
+    explicitly (``ExplainSettings.explainer_kwargs``).
     """
 
     def __init__(
@@ -207,7 +207,7 @@ class TrueClassExplainer:
         batch_size: int = SHAP_BATCH_SIZE,
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
-        engine: str = "shap",
+        engine: str = DEFAULT_ENGINE,
         forward_batch: int | None = None,
         precision: str = DEFAULT_PRECISION,
         compile: str = DEFAULT_COMPILE,

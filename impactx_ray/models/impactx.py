@@ -39,12 +39,6 @@ class ImpactX(nn.Module):
         self.M.eval()
         self.backbone_frozen = True
 
-    def unfreeze_backbone(self) -> None:
-        """For single-stage training (paper §3.3), where M learns together with LEP, D and C."""
-        self.M.requires_grad_(True)
-        self.M.train(self.training)
-        self.backbone_frozen = False
-
     def train(self, mode: bool = True) -> "ImpactX":
         super().train(mode)
         if self.backbone_frozen:

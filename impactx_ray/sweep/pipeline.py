@@ -33,10 +33,10 @@ from impactx_ray.explain import ExplainSettings
 from impactx_ray.io import file_sha256, write_json
 from impactx_ray.lock import hold
 from impactx_ray.methods import METHODS, ModelSpec, get_method, load_model, load_stage1
+from impactx_ray.report import write_summary
 from impactx_ray.sweep.identity import SweepIdentity, claim
 from impactx_ray.sweep.morf_task import morf_task
 from impactx_ray.sweep.progress import StageProgress
-from impactx_ray.sweep.report import write_summary
 from impactx_ray.sweep.search import SearchSpec, stopped_early, tune_plan
 from impactx_ray.sweep.spaces import (
     COMPARABLE_METHODS,
@@ -131,7 +131,7 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
     sample, ASHA stopping trials if asked (the comparison stage's two fixed trials always run
     whole). Returns (ResultGrid, stage run id, how the stage went)."""
     key = f"{cell.name}/{stage}"
-    stage_run = tracker.run(key, f"{cell.name} {stage}", parent=parent)
+    stage_run = tracker.run_id(key, f"{cell.name} {stage}", parent=parent)
     tracker.tags(stage_run, {"impactx.cell": cell.name, "impactx.stage": stage})
     search = (opts.search if stage in STAGE_METHODS else SearchSpec()).for_space(space)
     plan = tune_plan(space, search, get_method(STAGE_METHODS.get(stage, "baseline")).epochs(
@@ -242,7 +242,7 @@ def log_winner(tracker: Tracker, stage_run: str, params: dict, metrics: dict, mo
 
 
 def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -> dict[str, Any]:
-    cell_run = tracker.run(cell.name, cell.name, parent=sweep_run)
+    cell_run = tracker.run_id(cell.name, cell.name, parent=sweep_run)
     tracker.tags(cell_run, {"impactx.cell": cell.name})
     base = RunConfig.from_dict({**opts.base, "model": cell.model, "dataset": cell.dataset})
     tracker.params(cell_run, {"model": cell.model, "dataset": cell.dataset})
@@ -348,7 +348,7 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
     tracker = Tracker(tracking_uri(opts.out), experiment=sweep.experiment,
                       artifact_location=artifact_location(opts.out),
                       key_prefix=sweep.key(""), tags={"impactx.sweep": sweep.name})
-    sweep_run = tracker.run("sweep", f"sweep {sweep.name}")
+    sweep_run = tracker.run_id("sweep", f"sweep {sweep.name}")
     tracker.params(sweep_run, {"smoke": opts.smoke, "full_stage2": opts.full_stage2,
                                "cells": ",".join(c.name for c in opts.cells),
                                "search": opts.search.label, **opts.search.settings(),
@@ -359,7 +359,7 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
             rows.append(run_cell(opts, tracker, cell, sweep_run))
         except StageFailed as e:
             opts.log(f"{cell.name}: stopped: {e}; the sweep goes on with the other cells")
-            tracker.finish(tracker.run(cell.name, cell.name, parent=sweep_run), ok=False)
+            tracker.finish(tracker.run_id(cell.name, cell.name, parent=sweep_run), ok=False)
             rows.append({"model": cell.model, "dataset": cell.dataset, "error": str(e),
                          "failed_trials": e.failed})
     # the sweep run answers "what won, found how" without opening the cells

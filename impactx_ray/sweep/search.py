@@ -114,7 +114,7 @@ class TunePlan:
     trials: int
 
 
-def tune_plan(space: Space, spec: SearchSpec, max_epochs: int, metric: str,
+def tune_plan(space: Space, search: SearchSpec, max_epochs: int, metric: str,
               slots: int = 1) -> TunePlan:
     """The Tune pieces for one stage (``metric`` is maximised; ``max_epochs`` is ASHA's max_t;
     ``slots``: trials the cluster runs at once, Optuna's concurrency unless --max-concurrent)."""
@@ -124,28 +124,28 @@ def tune_plan(space: Space, spec: SearchSpec, max_epochs: int, metric: str,
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    spec = spec.for_space(space)
+    search = search.for_space(space)
     # reuse_actors: a trial on digits or CIFAR-scale LeNet-5 is seconds; a fresh actor for each
     # (a process importing torch, timm and the data) would cost as much again
     config: dict[str, Any] = {"metric": metric, "mode": "max", "reuse_actors": True}
-    if spec.scheduler == "asha":
-        spec.check_epochs(max_epochs)
+    if search.scheduler == "asha":
+        search.check_epochs(max_epochs)
         config["scheduler"] = ASHAScheduler(time_attr=EPOCH, max_t=max_epochs,
-                                            grace_period=spec.grace_period,
-                                            reduction_factor=spec.reduction_factor)
+                                            grace_period=search.grace_period,
+                                            reduction_factor=search.reduction_factor)
     else:
         config["scheduler"] = FIFOScheduler()
-    if spec.search == "grid":
+    if search.search == "grid":
         grid = {k: tune.grid_search(list(v)) for k, v in space.grid.items()}
         return TunePlan(grid, config, space.size)
     searcher = OptunaSearch(space=OptunaSpace(space.grid), metric=metric, mode="max",
-                            seed=spec.seed)
+                            seed=search.seed)
     # Also Tune's limit on pending trials: without the limiter it starts one trial at a time.
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent or max(1, slots))
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent or max(1, slots))
     # the searcher has the metric: TuneConfig must not name it a second time for the searcher,
     # but the scheduler takes it from TuneConfig
-    return TunePlan({}, {**config, "search_alg": searcher, "num_samples": spec.num_samples},
-                    spec.num_samples)
+    return TunePlan({}, {**config, "search_alg": searcher, "num_samples": search.num_samples},
+                    search.num_samples)
 
 
 def stopped_early(result: dict[str, Any] | None) -> bool:
@@ -154,15 +154,15 @@ def stopped_early(result: dict[str, Any] | None) -> bool:
     return bool(result) and "test_accuracy" not in result
 
 
-def budget(cell_list: list[Cell], spec: SearchSpec, *, small: bool, full_stage2: bool,
+def budget(cell_list: list[Cell], search: SearchSpec, *, small: bool, full_stage2: bool,
            epochs: int, stage2_epochs: int,
            comparison: tuple[str, ...] = COMPARISON_METHODS) -> list[str]:
     """The ``--dry-run`` budget: per stage, the search, its trials and the most trial-epochs
     they can take (ASHA only ever takes fewer); then the sweep's total."""
-    stages = (("stage 1", stage1_space(small), spec, epochs),
-              ("stage 2", stage2_space(small, full_stage2), spec, stage2_epochs),
+    stages = (("stage 1", stage1_space(small), search, epochs),
+              ("stage 2", stage2_space(small, full_stage2), search, stage2_epochs),
               ("comparison", Space({"method": comparison}), SearchSpec(), epochs))
-    lines, most = [f"budget per cell ({spec.label}):"], 0
+    lines, most = [f"budget per cell ({search.label}):"], 0
     for label, space, asked, max_epochs in stages:
         chosen = asked.for_space(space)
         n = chosen.trials(space)
@@ -170,7 +170,7 @@ def budget(cell_list: list[Cell], spec: SearchSpec, *, small: bool, full_stage2:
         note = " (the whole grid: --num-samples covers it)" if chosen is not asked else ""
         lines.append(f"  {label}: {chosen.label}, {n} trials × {max_epochs} epochs = at most "
                      f"{n * max_epochs} trial-epochs{note}")
-    early = "; ASHA stops weak trials sooner" if spec.scheduler == "asha" else ""
+    early = "; ASHA stops weak trials sooner" if search.scheduler == "asha" else ""
     lines.append(f"budget in all: at most {len(cell_list) * most} trial-epochs over "
                  f"{len(cell_list)} cell(s){early}")
     return lines

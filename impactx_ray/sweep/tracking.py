@@ -76,7 +76,7 @@ class Tracker:
                     self._client.set_experiment_tag(self._experiment_id, key, value)
         return self._client
 
-    def run(self, key: str, name: str, parent: str | None = None) -> str:
+    def run_id(self, key: str, name: str, parent: str | None = None) -> str:
         """The id of the run tagged ``key``, created (under ``parent``) if there is none yet."""
         client = self.client
         key = self.key_prefix + key
@@ -127,12 +127,6 @@ class Tracker:
                                      pip_requirements=["torch", "impactx-ray"])
         self.client.update_run(run_id, status="RUNNING")
 
-    def is_finished(self, key: str) -> bool:
-        key = self.key_prefix + key
-        found = self.client.search_runs([self._experiment_id], f"tags.`{KEY_TAG}` = '{key}'",
-                                        max_results=1)
-        return bool(found) and found[0].info.status == "FINISHED"
-
 
 class MLflowTrialLogger(tune.Callback):
     """Tune callback (driver side): one MLflow run per trial, params, per-epoch metrics, status."""
@@ -157,7 +151,7 @@ class MLflowTrialLogger(tune.Callback):
     def _run(self, trial: Any) -> str:
         if trial.trial_id not in self.runs:
             name = ", ".join(f"{k}={trial.config[k]}" for k in self.param_keys)
-            run_id = self.tracker.run(self.trial_key(trial.config, trial.trial_id), name,
+            run_id = self.tracker.run_id(self.trial_key(trial.config, trial.trial_id), name,
                                       parent=self.parent)
             self.tracker.params(run_id, self.params_of(trial.config))
             self.tracker.tags(run_id, {**self.tags_of(trial.config),

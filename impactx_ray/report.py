@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from impactx_ray.errors import UserError
-from impactx_ray.eval.compare import PAPER_TABLE2
+from impactx_ray.eval.paper import PAPER_TABLE2
 from impactx_ray.io import write_bytes
 from impactx_ray.methods import METHODS
 
