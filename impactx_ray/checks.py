@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from impactx_ray.config import RunConfig
-from impactx_ray.data import ImageData, train_val_split
 from impactx_ray.defaults import MASK_BYTES, MAX_EVALS
 from impactx_ray.errors import UserError
 from impactx_ray.explain import MapStore
@@ -93,13 +91,3 @@ def store_warning(store: MapStore) -> str | None:
     """:func:`constant_maps_warning` of a complete map store, read one shard at a time."""
     return constant_maps_warning((constant_map_counts(store.load_shard(i))
                                   for i in range(store.num_shards)), store.num_maps)
-
-
-def winner_warnings(val_accuracy: float, train: ImageData, cfg: RunConfig,
-                    store: str | Path) -> list[str]:
-    """The warnings about a stage-1 model (the sweep's winner, trained with ``cfg`` on
-    ``train``) and its complete map store: for the sweep's log, MLflow and the cell's result."""
-    _, val = train_val_split(len(train), cfg.val_fraction, seed=cfg.seed)
-    found = [chance_warning(val_accuracy, train.labels[torch.as_tensor(val)]),
-             store_warning(MapStore(store))]
-    return [w for w in found if w]

@@ -88,6 +88,25 @@ class RunDir:
                         f"{key}={getattr(cfg, key)!r}")
         return None
 
+    def check_compatible(self, cfg: RunConfig, methods: tuple[Method, ...], hint: str, *,
+                         skip_stale: bool = False) -> None:
+        """Refuse ``cfg`` when it disagrees with a checkpoint here of ``methods`` on a setting that
+        shaped it: a step would build on, or report, a model made with other settings.
+        ``skip_stale`` passes over checkpoints built on an older stage 1 (``run`` retrains them)."""
+        for method in methods:
+            if skip_stale and self.stale(method):
+                continue
+            problem = self.mismatch(method, cfg)
+            if problem:
+                raise UserError(f"{problem}; {hint}")
+
+    def check_stage1(self, cfg: RunConfig, checkpoint: Path | None) -> None:
+        """The stage-1 checkpoint a step builds on must have been trained with ``cfg``."""
+        problem = self.mismatch(BASELINE, cfg, checkpoint)
+        if problem:
+            raise UserError(f"{problem}; pass the settings it was trained with, or redo it with "
+                            f"`impactx stage1 --out {self.root}`")
+
     def stale(self, method: Method) -> bool:
         """Whether the checkpoint of a method built on stage 1 was built on another stage-1
         checkpoint than the one here now (a redone stage 1); such a checkpoint is retrained."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,6 @@ import torch
 
 from impactx_ray.checks import (
     chance_warning,
-    check_backbone,
-    check_eval_budget,
     constant_map_counts,
     constant_maps_warning,
     store_warning,
@@ -30,7 +28,7 @@ from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, dataset_fingerprint, load_dataset, train_val_split
 from impactx_ray.defaults import DEFAULT_REPLACEMENTS, MORF_IMAGES
 from impactx_ray.errors import UserError
-from impactx_ray.explain import ExplainSettings, MapStore, compute_store, load_checkpoint_maps
+from impactx_ray.explain import ExplainSettings, MapStore, load_checkpoint_maps
 from impactx_ray.io import file_sha256, read_json, write_json
 from impactx_ray.methods import (
     BASELINE,
@@ -43,6 +41,8 @@ from impactx_ray.methods import (
     load_stage1,
     train_method,
 )
+from impactx_ray.pipeline import check_before_writing, compare_maps, impactx_to_compare, stage1_maps
+from impactx_ray.pipeline.morf import IMPACTX_METHODS
 from impactx_ray.rundir import RunDir
 from impactx_ray.train import FitHooks, Split, accuracy, resolve_device
 from impactx_ray.train.checkpoint import save_checkpoint
@@ -80,31 +80,8 @@ class Run:
     def check_inputs(self, *, explains: bool = False, trains: tuple[Method, ...] = ()) -> None:
         """Everything a step can check before it writes: the data (loaded), the SHAP budget when
         it computes maps, the backbone (pretrained download, --weights) when it trains from it."""
-        train = self.data[0]
-        if explains:
-            h, w = train.image_size
-            check_eval_budget(self.cfg.max_evals, (h, w, int(train.images.shape[1])))
-        if any(not m.builds_on_stage1 for m in trains):
-            check_backbone(self.cfg, train.num_classes)
-
-    def check_compatible(self, methods: tuple[Method, ...], hint: str, *,
-                         skip_stale: bool = False) -> None:
-        """Refuse a config that disagrees with a checkpoint here of ``methods`` on a setting that
-        shaped it: such a step would build on, or report, a model made with other settings.
-        ``skip_stale`` passes over checkpoints built on an older stage 1 (``run`` retrains them)."""
-        for method in methods:
-            if skip_stale and self.dir.stale(method):
-                continue
-            problem = self.dir.mismatch(method, self.cfg)
-            if problem:
-                raise UserError(f"{problem}; {hint}")
-
-    def check_stage1(self, checkpoint: Path | None) -> None:
-        """The stage-1 checkpoint a step builds on must have been trained with this config."""
-        problem = self.dir.mismatch(BASELINE, self.cfg, checkpoint)
-        if problem:
-            raise UserError(f"{problem}; pass the settings it was trained with, or redo it with "
-                            f"`impactx stage1 --out {self.dir.root}`")
+        check_before_writing(self.cfg, self.data[0], explains=explains,
+                             builds_backbone=any(not m.builds_on_stage1 for m in trains))
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -117,33 +94,20 @@ class Run:
     # -- SHAP maps --------------------------------------------------------------------------------
     def explain(self, checkpoint: Path | None = None) -> MapStore:
         """Compute the missing maps of the stage-1 checkpoint's store, here or on Ray workers."""
-        self.check_stage1(checkpoint)
-        checkpoint = checkpoint or self.dir.checkpoint(BASELINE)
-        model = load_stage1(checkpoint, self.spec).to(self.device).eval()  # checked before writing
-        train = self.data[0]
-        self.check_inputs(explains=True)
-        store = self.settings.open_store(self.dir.maps, file_sha256(checkpoint), train)
-        todo = sum(b - a for a, b in map(store.shard_range, store.missing_shards()))
-        start = time.perf_counter()
-        if self.workers is None:
-            compute_store(store, model, train.float_images(), train.labels, self.settings,
-                          progress=self.progress)
+        self.dir.check_stage1(self.cfg, checkpoint)
+        done = stage1_maps(checkpoint or self.dir.checkpoint(BASELINE), self.spec, self.data[0],
+                           self.settings, self.dir.maps, device=self.device, workers=self.workers,
+                           gpus_per_worker=self.gpus_per_worker, progress=self.progress)
+        if done.computed:
+            self.dir.record_timings(explain=done.seconds, maps_computed=done.computed,
+                                    maps_per_s=done.maps_per_s)
+            self.say(f"SHAP maps: {done.computed} in {done.seconds:.1f} s "
+                     f"({done.maps_per_s:.2f} maps/s) -> {done.store.path}")
         else:
-            from impactx_ray.explain.actors import compute_store_ray
-
-            compute_store_ray(store, partial(load_stage1, checkpoint, self.spec),
-                              train.float_images(), train.labels, self.settings,
-                              workers=self.workers, gpus_per_worker=self.gpus_per_worker,
-                              progress=self.progress)
-        seconds = time.perf_counter() - start
-        if todo:
-            self.dir.record_timings(explain=seconds, maps_computed=todo, maps_per_s=todo / seconds)
-            self.say(f"SHAP maps: {todo} in {seconds:.1f} s ({todo / seconds:.2f} maps/s) "
-                     f"-> {store.path}")
-        else:
-            self.say(f"SHAP maps: reusing {store.path}")
-        self.check_maps(store)
-        return store
+            self.say(f"SHAP maps: reusing {done.store.path}")
+        for warning in done.warnings:
+            self.warn(warning)
+        return done.store
 
     def check_maps(self, store: MapStore) -> None:
         """Warn about constant maps in a complete store (a collapsed model explains nothing)."""
@@ -166,7 +130,7 @@ class Run:
         inputs = TrainInputs(self.cfg, Split(train, tr, va), self.device,
                              FitHooks(progress=self.progress))
         if method.builds_on_stage1:
-            self.check_stage1(checkpoint)
+            self.dir.check_stage1(self.cfg, checkpoint)
             inputs.stage1 = checkpoint or self.dir.checkpoint(BASELINE)
             load_stage1(inputs.stage1, self.spec)  # a bad checkpoint fails before the maps load
             inputs.maps = self.maps(inputs.stage1, maps) if method.needs_maps else None
@@ -200,9 +164,10 @@ class Run:
     def run_all(self, methods: tuple[str, ...] = ("impactx",)) -> dict[str, Any]:
         """The baseline and every method in ``methods``, each unless already done; then evaluate."""
         wanted = {BASELINE.name, *(get_method(m).name for m in methods)}
-        self.check_compatible(tuple(METHODS.values()), "choose another --out, or redo one step "
-                              f"with `impactx stage1|explain|stage2 --out {self.dir.root}`",
-                              skip_stale=True)
+        self.dir.check_compatible(self.cfg, tuple(METHODS.values()),
+                                  "choose another --out, or redo one step with "
+                                  f"`impactx stage1|explain|stage2 --out {self.dir.root}`",
+                                  skip_stale=True)
         todo = tuple(m for m in METHODS.values()
                      if m.name in wanted and not self.dir.holds(m, self.cfg))
         self.check_inputs(explains=any(m.needs_maps for m in todo), trains=todo)
@@ -223,9 +188,9 @@ class Run:
                  replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS) -> dict[str, Any]:
         """Test accuracy of every method trained here; MoRF/AOPC and figures with ``morf``."""
         train, test = self.data
-        self.check_compatible(tuple(METHODS.values()),
-                              "evaluate with the settings it was trained with, or redo it "
-                              f"(`impactx stage1|stage2 --out {self.dir.root}` with these flags)")
+        self.dir.check_compatible(self.cfg, tuple(METHODS.values()),
+                                  "evaluate with the settings it was trained with, or redo it "
+                                  f"(`impactx stage1|stage2 --out {self.dir.root}` with these flags)")
         result: dict[str, Any] = {"hyperparameters": self.cfg.to_dict(), "num_train": len(train),
                                   "num_test": len(test), "device": str(self.device),
                                   "trained_with": {}}
@@ -246,7 +211,7 @@ class Run:
             seconds[method.name] = meta["seconds"]
         previous = read_json(self.dir.result) if self.dir.result.exists() else {}
         if morf:
-            result["morf"] = self._morf(models, test, morf_images, replacements)
+            result["morf"] = self._morf(tuple(models), test, morf_images, replacements)
         elif "morf" in previous:  # keep an earlier MoRF evaluation in the result
             result["morf"] = previous["morf"]
         result["timings_s"] = self.dir.record_timings(**seconds)
@@ -263,23 +228,18 @@ class Run:
             return
         self.check_maps(store)
 
-    def _morf(self, models: dict[str, torch.nn.Module], test: ImageData, n: int,
+    def _morf(self, trained: tuple[str, ...], test: ImageData, n: int,
               replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS) -> dict[str, Any]:
-        from impactx_ray.eval.compare import morf_comparison, write_morf
-
         # the paper's two-stage IMPACTX; a run trained only single-stage is compared with that
-        name = next((m for m in ("impactx", "impactx_single") if m in models), None)
-        if name is None:
+        checkpoints = {m: self.dir.checkpoint(METHODS[m]) for m in trained}
+        if not any(m in checkpoints for m in IMPACTX_METHODS):
             raise UserError(f"--morf needs IMPACTX: neither {self.dir.checkpoint(METHODS['impactx'])}"
                             f" nor {self.dir.checkpoint(METHODS['impactx_single'])} exists")
+        name = impactx_to_compare(checkpoints)
         if name != "impactx":
             self.say(f"MoRF: comparing {METHODS[name].title} (no two-stage IMPACTX here)")
-        curves, maps, x, y = morf_comparison(models[name], test, self.settings,
-                                             abn=models.get("abn"), n=n, seed=self.cfg.seed,
-                                             device=self.device, progress=self.progress,
-                                             replacements=replacements)
-        return write_morf(self.dir.morf, curves, maps, x, y, test.classes,
-                          about={"impactx_method": name})
+        return compare_maps(self.dir.morf, self.cfg, test, checkpoints, n=n,
+                            replacements=replacements, device=self.device, progress=self.progress)
 
     def say(self, msg: str) -> None:
         if self.progress:

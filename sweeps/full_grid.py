@@ -188,13 +188,20 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
         map_workers=args.map_workers, max_failures=args.max_failures, morf_images=morf_images,
         name=args.name, restart=args.restart, search=args.search_spec, strict=args.strict,
         replacements=tuple(args.replacement), comparison=tuple(args.comparison), **base)
+    from impactx_ray.config import RunConfig
     from impactx_ray.data import load_dataset
+    from impactx_ray.pipeline import check_before_writing
 
+    trains = {}
     for name in dict.fromkeys(c.dataset for c in cell_list):  # missing data: fail before Ray
         # (skipped unreadable files are said by each cell, which loads the data again)
-        load_dataset(name, base["data_root"], download=base.get("download", False),
-                     image_size=base.get("image_size", 32), strict=args.strict,
-                     warn=lambda _: None)
+        trains[name] = load_dataset(name, base["data_root"], download=base.get("download", False),
+                                    image_size=base.get("image_size", 32), strict=args.strict,
+                                    warn=lambda _: None)[0]
+    for cell in cell_list:  # the checks `impactx run` makes: mask budget, backbone and weights
+        check_before_writing(RunConfig.from_dict({**opts.base, "model": cell.model,
+                                                  "dataset": cell.dataset}), trains[cell.dataset])
+    del trains
 
     sweep = claim_out(opts)  # resume only with the same settings: checked before Ray starts
     # Trials checkpoint every epoch (to resume mid-trial), which makes Tune snapshot its

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "impactx_ray"
 
 # What each top-level part of the package may import from the package (besides itself), bottom up:
 # defaults, errors, io, lock → data → models → config → train, explain → eval, checks → methods
-# → rundir, report → runner → sweep → cli.
+# → rundir, report, pipeline → runner → sweep → cli.
 BASE = {"defaults", "errors", "io"}
 ALLOWED = {
     "defaults": set(),
@@ -29,12 +29,13 @@ ALLOWED = {
     "checks": BASE | {"data", "config", "train", "explain"},
     "rundir": BASE | {"config", "methods", "train"},
     "report": BASE | {"eval", "methods"},
+    "pipeline": BASE | {"data", "models", "config", "train", "explain", "eval", "methods", "checks"},
     "runner": BASE | {"data", "config", "explain", "eval", "methods", "rundir", "train", "checks",
-                      "report"},
+                      "report", "pipeline"},
     "flags": BASE,
     "lock": {"errors", "defaults"},
     "sweep": BASE | {"data", "models", "config", "train", "explain", "eval", "methods", "checks",
-                     "lock", "report"},
+                     "lock", "report", "pipeline"},
     "cli": BASE | {"data", "config", "flags", "methods", "rundir", "runner", "sweep", "lock",
                    "report"},
     "__main__": {"cli"},
@@ -127,8 +128,8 @@ def test_no_import_cycle():
 
 
 PLAIN = ["impactx_ray.models", "impactx_ray.train", "impactx_ray.explain", "impactx_ray.eval",
-         "impactx_ray.eval.compare", "impactx_ray.methods", "impactx_ray.report", "impactx_ray.runner",
-         "impactx_ray.cli"]
+         "impactx_ray.eval.compare", "impactx_ray.methods", "impactx_ray.report",
+         "impactx_ray.pipeline", "impactx_ray.runner", "impactx_ray.cli"]
 
 
 def test_plain_modules_import_neither_ray_nor_mlflow():

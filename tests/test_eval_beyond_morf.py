@@ -201,7 +201,7 @@ def test_comparison_has_shap_of_abn_lerf_srg_cis_and_paper_titles(digits, tmp_pa
 
 
 def test_report_shows_srg_with_cis_and_the_sanity_checks(tmp_path):
-    from impactx_ray.sweep.report import collect_rows, summary_markdown, write_summary
+    from impactx_ray.report import collect_rows, summary_markdown, write_summary
 
     ci = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 10}
     morf = {"aopc": {"IMPACTX": 0.5},

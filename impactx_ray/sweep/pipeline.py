@@ -21,18 +21,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from ray import tune
 
-from impactx_ray.checks import winner_warnings
+from impactx_ray.checks import chance_warning
 from impactx_ray.config import RunConfig
-from impactx_ray.data import ImageData, load_dataset
+from impactx_ray.data import ImageData, load_dataset, train_val_split
 from impactx_ray.defaults import CHECKPOINT_FILE, DEFAULT_REPLACEMENTS, SELECTION_METRIC, SWEEP_MORF_IMAGES
 from impactx_ray.errors import UserError
 from impactx_ray.eval.road import REPLACEMENTS
 from impactx_ray.explain import ExplainSettings
-from impactx_ray.io import file_sha256, write_json
+from impactx_ray.io import write_json
 from impactx_ray.lock import hold
 from impactx_ray.methods import METHODS, ModelSpec, get_method, load_model, load_stage1
+from impactx_ray.pipeline import MapsDone, stage1_maps
 from impactx_ray.report import write_summary
 from impactx_ray.sweep.identity import SweepIdentity, claim
 from impactx_ray.sweep.morf_task import morf_task
@@ -214,22 +216,19 @@ def best(results: Any, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str,
 
 
 def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Path,
-                 train: ImageData) -> Path:
-    """The winner's SHAP maps over Ray workers, into a store shared by every stage-2 trial."""
-    from impactx_ray.explain.actors import compute_store_ray, default_gpus_per_worker, init_ray
+                 train: ImageData) -> MapsDone:
+    """The winner's SHAP maps over Ray workers (the shared maps step), into a store shared by
+    every stage-2 trial."""
+    from impactx_ray.explain.actors import default_gpus_per_worker, init_ray
 
-    settings = ExplainSettings.from_config(cfg)
-    store = settings.open_store(opts.out / "cells" / cell.name / "maps", file_sha256(checkpoint),
-                                train)
     init_ray()
     import ray
 
     gpus = default_gpus_per_worker()
     workers = opts.map_workers or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1)))
-    compute_store_ray(store, partial(load_stage1, checkpoint, ModelSpec.of(cfg, train)),
-                      train.float_images(), train.labels, settings, workers=workers,
-                      gpus_per_worker=gpus, progress=True)
-    return store.path.resolve()
+    return stage1_maps(checkpoint, ModelSpec.of(cfg, train), train, ExplainSettings.from_config(cfg),
+                       opts.out / "cells" / cell.name / "maps", device=torch.device("cpu"),
+                       workers=workers, gpus_per_worker=gpus, progress=True)
 
 
 def log_winner(tracker: Tracker, stage_run: str, params: dict, metrics: dict, model: Any) -> None:
@@ -262,8 +261,11 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     opts.log(f"{cell.name} stage 1 winner: {p1} val acc {m1[METRIC]:.4f} "
              f"test acc {m1['test_accuracy']:.4f}")
     winner_cfg = RunConfig.from_dict({**base_dict, **p1})
-    maps = compute_maps(opts, winner_cfg, cell, ckpt1, train)
-    found = winner_warnings(m1[METRIC], train, winner_cfg, maps)  # chance level, flat maps
+    done = compute_maps(opts, winner_cfg, cell, ckpt1, train)
+    maps = done.store.path.resolve()
+    _, val = train_val_split(len(train), winner_cfg.val_fraction, seed=winner_cfg.seed)
+    chance = chance_warning(m1[METRIC], train.labels[torch.as_tensor(val)])
+    found = ([chance] if chance else []) + done.warnings  # chance level, flat maps
     for warning in found:
         opts.log(f"{cell.name}: warning: {warning}")
     warnings = data_warnings + found
