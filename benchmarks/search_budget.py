@@ -29,9 +29,9 @@ import ray
 from ray import tune
 
 from impactx_ray.data import load_dataset
-from impactx_ray.sweep.pipeline import METRIC, best
 from impactx_ray.sweep.search import SearchSpec, tune_plan
 from impactx_ray.sweep.spaces import STAGE1_SEARCHED, stage1_space
+from impactx_ray.sweep.stage import METRIC, best
 from impactx_ray.sweep.trainables import CPUS, stage1_trainable
 
 

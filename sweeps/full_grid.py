@@ -174,7 +174,8 @@ def dry_run(args: argparse.Namespace, cell_list: list) -> int:
 
 
 def run(args: argparse.Namespace, cell_list: list) -> int:
-    from impactx_ray.sweep.pipeline import claim_out, options_from, run_sweep
+    from impactx_ray.sweep.options import options_from
+    from impactx_ray.sweep.pipeline import claim_out, run_sweep
     from impactx_ray.sweep.tracking import tracking_uri
 
     preset = SMOKE if args.smoke else FULL

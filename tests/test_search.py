@@ -11,9 +11,10 @@ import pytest
 
 from impactx_ray.errors import UserError
 from impactx_ray.report import summary_markdown
-from impactx_ray.sweep.pipeline import StageFailed, StageOutcome, SweepOptions, best
+from impactx_ray.sweep.options import SweepOptions
 from impactx_ray.sweep.search import INDEX_KEY, OptunaSpace, SearchSpec, budget, stopped_early, tune_plan
 from impactx_ray.sweep.spaces import LEARNING_RATES, Space, cells, stage1_space
+from impactx_ray.sweep.stage import StageFailed, StageOutcome, best
 from impactx_ray.sweep.trainables import run_config
 
 ROOT = Path(__file__).resolve().parents[1]

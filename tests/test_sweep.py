@@ -74,7 +74,7 @@ def test_comparison_methods_and_replacements_are_checked_counted_and_recorded(tm
     identity only when not the defaults (sweeps from before them still resume)."""
     from impactx_ray.errors import UserError
     from impactx_ray.methods import METHODS
-    from impactx_ray.sweep.pipeline import options_from
+    from impactx_ray.sweep.options import options_from
     from impactx_ray.sweep.spaces import COMPARABLE_METHODS
 
     assert all(METHODS[m].title == title for m, title in COMPARABLE_METHODS.items())

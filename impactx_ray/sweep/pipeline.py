@@ -13,36 +13,25 @@ duplicated.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from ray import tune
 
 from impactx_ray.checks import chance_warning
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, load_dataset, train_val_split
-from impactx_ray.defaults import CHECKPOINT_FILE, DEFAULT_REPLACEMENTS, SELECTION_METRIC, SWEEP_MORF_IMAGES
-from impactx_ray.errors import UserError
-from impactx_ray.eval.road import REPLACEMENTS
+from impactx_ray.defaults import CHECKPOINT_FILE
 from impactx_ray.explain import ExplainSettings
 from impactx_ray.io import write_json
 from impactx_ray.lock import hold
-from impactx_ray.methods import METHODS, ModelSpec, get_method, load_model, load_stage1
+from impactx_ray.methods import METHODS, ModelSpec, load_model, load_stage1
 from impactx_ray.pipeline import MapsDone, stage1_maps
 from impactx_ray.report import write_summary
 from impactx_ray.sweep.identity import SweepIdentity, claim
 from impactx_ray.sweep.morf_task import morf_task
-from impactx_ray.sweep.progress import StageProgress
-from impactx_ray.sweep.search import SearchSpec, stopped_early, tune_plan
+from impactx_ray.sweep.options import SweepOptions
 from impactx_ray.sweep.spaces import (
-    COMPARABLE_METHODS,
-    COMPARISON_METHODS,
     STAGE1_SEARCHED,
     STAGE2_SEARCHED,
     Cell,
@@ -50,169 +39,14 @@ from impactx_ray.sweep.spaces import (
     stage1_space,
     stage2_space,
 )
-from impactx_ray.sweep.tracking import MLflowTrialLogger, Tracker, artifact_location, tracking_uri
+from impactx_ray.sweep.stage import METRIC, StageFailed, best, run_stage
+from impactx_ray.sweep.tracking import Tracker, artifact_location, tracking_uri
 from impactx_ray.sweep.trainables import (
-    CPUS,
     MAPS,
     METHOD,
     STAGE1_CHECKPOINT,
     STAGE_METHODS,
-    STAGE_TRAINABLES,
-    run_config,
-    trial_params,
-    trial_tags,
 )
-
-METRIC = SELECTION_METRIC  # selection is by validation accuracy, never test accuracy
-
-
-@dataclass
-class SweepOptions:
-    out: Path
-    cells: list[Cell]
-    base: dict[str, Any]                  # RunConfig fields shared by every trial
-    smoke: bool = False
-    full_stage2: bool = False
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    map_workers: int | None = None        # None: one per GPU in the cluster, else one per CPU
-    morf_images: int = SWEEP_MORF_IMAGES  # test images for MoRF (0: skip MoRF)
-    replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS  # what replaces removed regions
-    comparison: tuple[str, ...] = COMPARISON_METHODS     # methods on the stage-1 winner's settings
-    max_failures: int = 0
-    name: str | None = None               # the sweep's name (default: from --out)
-    restart: bool = False                 # start afresh, the old results kept aside
-    strict: bool = False                  # refuse unreadable image files (default: skip, warn)
-    search: SearchSpec = field(default_factory=SearchSpec)  # grid (the paper's) or optuna, ±asha
-    log: Callable[[str], None] = field(default=print)
-
-    def settings(self) -> dict[str, Any]:
-        """What decides the sweep's results: a resumed sweep must be asked for the same."""
-        # recorded only when not the default, so sweeps started before these options resume
-        chosen = {k: list(v) for k, v, default in (
-            ("replacements", self.replacements, DEFAULT_REPLACEMENTS),
-            ("comparison", self.comparison, COMPARISON_METHODS)) if tuple(v) != default}
-        return json.loads(json.dumps({
-            "cells": [c.name for c in self.cells], "smoke": self.smoke,
-            "full_stage2": self.full_stage2, "morf_images": self.morf_images, **self.base,
-            **self.search.settings(), **chosen}))
-
-    @property
-    def small_spaces(self) -> bool:
-        """--smoke shrinks the grids to a few points; a sampled search keeps Table 1's space
-        (its budget is --num-samples)."""
-        return self.smoke and self.search.search == "grid"
-
-
-@dataclass
-class StageOutcome:
-    """How a stage's winner was found: the search, trials run, stopped early, failed, and the
-    trial-epochs they took (the compute a search spends)."""
-
-    search: str
-    trials: int
-    early_stopped: int
-    failed: int
-    trial_epochs: int
-
-    @classmethod
-    def of(cls, search: str, results: Any) -> StageOutcome:
-        ended = [r for r in results if r.error is None]
-        return cls(search, len(results), sum(stopped_early(r.metrics) for r in ended),
-                   len(results.errors),
-                   sum(int(r.metrics.get("epoch", 0)) for r in results if r.metrics))
-
-    def row(self, stage: str) -> dict[str, Any]:
-        return {f"{stage}_{k}": v for k, v in dataclasses.asdict(self).items()}
-
-
-def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, parent: str,
-              space: Space, base: dict[str, Any], data: tuple[ImageData, ImageData]
-              ) -> tuple[Any, str, StageOutcome]:
-    """Run (or restore and finish) one stage's search over ``space``: the grid, or Optuna's
-    sample, ASHA stopping trials if asked (the comparison stage's two fixed trials always run
-    whole). Returns (ResultGrid, stage run id, how the stage went)."""
-    key = f"{cell.name}/{stage}"
-    stage_run = tracker.run_id(key, f"{cell.name} {stage}", parent=parent)
-    tracker.tags(stage_run, {"impactx.cell": cell.name, "impactx.stage": stage})
-    search = (opts.search if stage in STAGE_METHODS else SearchSpec()).for_space(space)
-    plan = tune_plan(space, search, get_method(STAGE_METHODS.get(stage, "baseline")).epochs(
-        run_config(base)), METRIC, slots=trial_slots(opts))
-    storage = (opts.out / "tune").resolve()
-    path = storage / f"{cell.name}-{stage}"
-    resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
-    # the cell's data goes to the object store once; every trial on a node reads that copy
-    trainable = tune.with_resources(tune.with_parameters(STAGE_TRAINABLES[stage], data=data),
-                                    resources)
-    if tune.Tuner.can_restore(path):
-        opts.log(f"{key}: resuming the Tune experiment in {path}")
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=False)
-    else:
-        opts.log(f"{key}: {search.label}, {plan.trials} trials")
-        logger = MLflowTrialLogger(tracker, key, stage_run, tuple(space.grid),
-                                   params_of=partial(trial_params, stage, tuple(space.grid)),
-                                   tags_of=partial(trial_tags, cell.name, stage),
-                                   sampled=search.search != "grid")
-        tuner = tune.Tuner(
-            trainable,
-            param_space={**base, CPUS: opts.cpus_per_trial, **plan.param_space},
-            tune_config=tune.TuneConfig(**plan.tune_config),
-            run_config=tune.RunConfig(
-                name=path.name, storage_path=str(storage), verbose=0,
-                callbacks=[logger, StageProgress(key, plan.trials, opts.log)],
-                failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-                # the last checkpoint holds the last epoch's state and the best weights so far
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    results = tuner.fit()
-    outcome = StageOutcome.of(search.label, results)
-    tracker.params(stage_run, {"search": outcome.search})
-    tracker.metrics(stage_run, {"trials": outcome.trials, "trials_early_stopped":
-                                outcome.early_stopped, "trials_failed": outcome.failed,
-                                "trial_epochs": outcome.trial_epochs})
-    if outcome.early_stopped:
-        opts.log(f"{key}: ASHA stopped {outcome.early_stopped} of {outcome.trials} trials early; "
-                 f"{outcome.trial_epochs} trial-epochs in all")
-    if len(results) and len(results.errors) == len(results):
-        tracker.finish(stage_run, ok=False)
-    if results.errors:
-        opts.log(f"{key}: {len(results.errors)} of {len(results)} trials failed (marked FAILED "
-                 "in MLflow); the sweep goes on with the others")
-    return results, stage_run, outcome
-
-
-def trial_slots(opts: SweepOptions) -> int:
-    """How many trials the cluster fits at once, now (by CPUs, and GPUs where trials take them)."""
-    import ray
-
-    have = ray.cluster_resources()
-    fits = have.get("CPU", 1) / opts.cpus_per_trial
-    if opts.gpus_per_trial:
-        fits = min(fits, have.get("GPU", 0) / opts.gpus_per_trial)
-    return max(1, int(fits))
-
-
-class StageFailed(Exception):
-    """No trial of a stage finished: the cell cannot go on (the sweep goes on with the others)."""
-
-    def __init__(self, message: str, failed: int) -> None:
-        super().__init__(message)
-        self.failed = failed
-
-
-def best(results: Any, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any], Path]:
-    """(hyperparameters, final metrics, checkpoint file) of the best trial by validation accuracy,
-    among the trials that finished: one stopped early by ASHA has no final model (and its
-    accuracy so far is below the trials that went on)."""
-    finished = [r for r in results if r.error is None and r.checkpoint is not None
-                and r.metrics and not stopped_early(r.metrics)
-                and math.isfinite(r.metrics.get(METRIC, math.nan))]
-    winner = max(finished, key=lambda r: r.metrics[METRIC], default=None)  # first of ties
-    if winner is None:
-        first = str(results.errors[0]).strip().splitlines()[-1][:200] if results.errors else "-"
-        raise StageFailed(f"none of its {len(results)} trials finished (first error: {first})",
-                          failed=len(results.errors))
-    params = {k: winner.config[k] for k in keys}
-    return params, dict(winner.metrics), Path(winner.checkpoint.path) / CHECKPOINT_FILE
 
 
 def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Path,
@@ -378,31 +212,3 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
         tracker.artifact(sweep_run, path)
     tracker.finish(sweep_run)
     return rows
-
-
-def options_from(out: Path, cells: list[Cell], **kw: Any) -> SweepOptions:
-    """SweepOptions with a validated base RunConfig (bad values fail before Ray starts)."""
-    names = {f.name for f in dataclasses.fields(SweepOptions)}
-    base = {k: v for k, v in kw.items() if k not in names}
-    for cell in cells:
-        RunConfig.from_dict({**base, "model": cell.model, "dataset": cell.dataset})
-    for flag, key, minimum in (("--cpus-per-trial", "cpus_per_trial", 1e-9),
-                               ("--gpus-per-trial", "gpus_per_trial", 0.0),
-                               ("--map-workers", "map_workers", 1),
-                               ("--max-failures", "max_failures", 0),
-                               ("--morf-images", "morf_images", 0)):
-        value = kw.get(key)
-        if value is not None and value < minimum:
-            raise UserError(f"{flag} must be >= {minimum:g}, got {value!r}")
-    for flag, key, allowed in (("--comparison", "comparison", tuple(COMPARABLE_METHODS)),
-                               ("--replacement", "replacements", REPLACEMENTS)):
-        for value in kw.get(key) or ():
-            if value not in allowed:
-                raise UserError(f"{flag}: unknown {value!r}; use one or more of "
-                                f"{', '.join(allowed)}")
-        if key in kw and not kw[key]:
-            raise UserError(f"{flag} needs at least one of {', '.join(allowed)}")
-        if key in kw:
-            kw[key] = tuple(dict.fromkeys(kw[key]))  # in the order asked, once each
-    return SweepOptions(out=out, cells=cells, base=base, **{k: v for k, v in kw.items()
-                                                           if k in names})
