@@ -150,12 +150,12 @@ def execute(run: Any, args: argparse.Namespace) -> None:
     checkpoint = getattr(args, "checkpoint", None)
     if args.command == "explain":
         store = run.explain(checkpoint)
-        run.save_config()
+        run.dir.save_config(run.cfg)
         print(f"maps: {store.num_maps} in {store.path}")
     elif args.command in ("stage1", "stage2"):
         method = METHODS["baseline" if args.command == "stage1" else "impactx"]
         meta = run.train(method, checkpoint, getattr(args, "maps", None))
-        run.save_config()
+        run.dir.save_config(run.cfg)
         print(f"{args.command.replace('stage', 'stage ')}: best val accuracy "
               f"{meta['val_accuracy']:.4f} (epoch {meta['best_epoch']}) "
               f"-> {run.dir.checkpoint(method)}")

@@ -20,7 +20,7 @@ from impactx_ray.defaults import CHECKPOINT_FILE
 from impactx_ray.errors import UserError
 from impactx_ray.io import file_sha256, read_json, write_json
 from impactx_ray.methods import BASELINE, Method
-from impactx_ray.train.checkpoint import load_checkpoint
+from impactx_ray.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class RunDir:
     def history(self, method: Method) -> Path:
         return self.root / method.directory / "history.json"
 
+    def save_config(self, cfg: RunConfig) -> None:
+        write_json(self.config, cfg.to_dict())
+
     def load_config(self, overrides: dict[str, Any]) -> RunConfig:
         """The run's saved config with ``overrides`` applied (validated; nothing is written)."""
         saved = read_json(self.config, hint=f"run `impactx run --out {self.root}` first")
@@ -64,6 +67,13 @@ class RunDir:
             except UserError:  # the saved file is at fault, not a flag: name it
                 raise UserError(f"{self.config}: {e}") from None
             raise
+
+    def save_trained(self, method: Method, state: dict[str, Any], meta: dict[str, Any],
+                     history: list[dict[str, float]], *, wall: float) -> None:
+        """A trained method's checkpoint and history in its folder, its wall time in timings.json."""
+        save_checkpoint(self.checkpoint(method), state, meta)
+        write_json(self.history(method), history)
+        self.record_timings(**{f"{method.name}_wall": wall})
 
     def record_timings(self, **timings: float) -> dict[str, float]:
         """Merge ``timings`` into timings.json (steps may run in separate commands)."""

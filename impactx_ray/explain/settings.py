@@ -31,13 +31,7 @@ from impactx_ray.data import ImageData, dataset_fingerprint
 from impactx_ray.defaults import MAX_EVALS, SHAP_BATCH_SIZE
 from impactx_ray.errors import UserError
 from impactx_ray.explain.forward import DEFAULT_COMPILE, DEFAULT_PRECISION, check_compile, check_precision
-from impactx_ray.explain.shap_maps import (
-    DEFAULT_ENGINE,
-    check_engine,
-    check_max_evals,
-    default_masker,
-    validate_masker,
-)
+from impactx_ray.explain.shap_maps import DEFAULT_ENGINE, check_engine, check_max_evals, default_masker, validate_masker
 from impactx_ray.explain.store import MANIFEST, MapStore
 
 #: Settings that decide how maps are computed but not what they are: not in a store's meta.

@@ -7,21 +7,11 @@ produce their own attribution map (ImpactX, ABN, WAE) add ``explain(x)``.
 
 from impactx_ray.models.abn import ABN, ATTACH_POINTS, abn_loss, create_abn
 from impactx_ray.models.decoder import Decoder
-from impactx_ray.models.factory import (
-    check_backbone_name,
-    create_backbone,
-    default_pretrained,
-)
+from impactx_ray.models.factory import check_backbone_name, create_backbone, default_pretrained
 from impactx_ray.models.impactx import ImpactX
 from impactx_ray.models.lenet5 import LeNet5
 from impactx_ray.models.lep import LEP
-from impactx_ray.models.registry import (
-    BACKBONES,
-    Backbone,
-    InputAdapter,
-    list_backbones,
-    register_backbone,
-)
+from impactx_ray.models.registry import BACKBONES, Backbone, InputAdapter, list_backbones, register_backbone
 from impactx_ray.models.timm_backbones import TimmBackbone
 from impactx_ray.models.wae import WAE
 

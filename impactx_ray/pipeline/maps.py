@@ -11,7 +11,8 @@ import torch
 
 from impactx_ray.checks import check_backbone, check_eval_budget, store_warning
 from impactx_ray.config import RunConfig
-from impactx_ray.data import ImageData
+from impactx_ray.data import ImageData, dataset_fingerprint
+from impactx_ray.errors import UserError
 from impactx_ray.explain import ExplainSettings, MapStore, compute_store
 from impactx_ray.io import file_sha256
 from impactx_ray.methods import ModelSpec, load_stage1
@@ -42,6 +43,28 @@ class MapsDone:
     @property
     def maps_per_s(self) -> float:
         return self.computed / self.seconds if self.seconds > 0 else float("nan")
+
+    def timings(self) -> dict[str, float]:
+        """What a run's timings record of this step (nothing when no map was computed)."""
+        return {"explain": self.seconds, "maps_computed": self.computed,
+                "maps_per_s": self.maps_per_s} if self.computed else {}
+
+    def summary(self) -> str:
+        if not self.computed:
+            return f"SHAP maps: reusing {self.store.path}"
+        return (f"SHAP maps: {self.computed} in {self.seconds:.1f} s ({self.maps_per_s:.2f} "
+                f"maps/s) -> {self.store.path}")
+
+
+def run_store_warning(settings: ExplainSettings, root: Path, checkpoint: Path,
+                      train: ImageData) -> str | None:
+    """The constant-maps warning of ``checkpoint``'s complete store of ``train`` under ``root``;
+    None when there is no such store (maps from elsewhere) or it is incomplete."""
+    try:
+        store = settings.find_store(root, file_sha256(checkpoint), dataset_fingerprint(train))
+    except UserError:
+        return None
+    return store_warning(store) if not store.missing_shards(verify=False) else None
 
 
 def stage1_maps(checkpoint: Path, spec: ModelSpec, train: ImageData, settings: ExplainSettings,

@@ -21,11 +21,14 @@ IMPACTX_METHODS = ("impactx", "impactx_single")
 
 
 def impactx_to_compare(checkpoints: dict[str, Path]) -> str:
-    """Which IMPACTX of ``checkpoints`` ({method: checkpoint file}) the comparison takes."""
-    name = next((m for m in IMPACTX_METHODS if m in checkpoints), None)
+    """Which IMPACTX of ``checkpoints`` ({method: checkpoint file}; files that do not exist are
+    not there) the comparison takes."""
+    name = next((m for m in IMPACTX_METHODS if m in checkpoints and checkpoints[m].exists()), None)
     if name is None:
-        raise UserError("the MoRF comparison needs IMPACTX: no checkpoint of "
-                        f"{' or '.join(IMPACTX_METHODS)} was given")
+        looked = [str(checkpoints[m]) for m in IMPACTX_METHODS if m in checkpoints]
+        raise UserError("the MoRF comparison needs IMPACTX: "
+                        + (f"{' and '.join(looked)} do not exist" if looked else
+                           f"no checkpoint of {' or '.join(IMPACTX_METHODS)} was given"))
     return name
 
 
@@ -33,13 +36,14 @@ def compare_maps(out: Path, cfg: RunConfig, test: ImageData, checkpoints: dict[s
                  n: int = MORF_IMAGES, replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS,
                  device: torch.device, progress: bool = True) -> dict[str, Any]:
     """The comparison on ``n`` test images of the IMPACTX in ``checkpoints`` (and of ABN, when
-    there); returns ``morf.json``'s summary, which says which IMPACTX was compared."""
+    its file exists); returns ``morf.json``'s summary, which says which IMPACTX was compared."""
     from impactx_ray.eval.compare import morf_comparison, write_morf
 
     name = impactx_to_compare(checkpoints)
     spec = ModelSpec.of(cfg, test)
     impactx = load_model(checkpoints[name], spec, METHODS[name])[0]
-    abn = load_model(checkpoints["abn"], spec, METHODS["abn"])[0] if "abn" in checkpoints else None
+    abn = (load_model(checkpoints["abn"], spec, METHODS["abn"])[0]
+           if "abn" in checkpoints and checkpoints["abn"].exists() else None)
     curves, maps, x, y = morf_comparison(impactx, test, ExplainSettings.from_config(cfg), abn=abn,
                                          n=n, seed=cfg.seed, device=device, progress=progress,
                                          replacements=tuple(replacements))

@@ -20,7 +20,7 @@ import torch
 
 from impactx_ray.checks import chance_warning
 from impactx_ray.config import RunConfig
-from impactx_ray.data import ImageData, load_dataset, train_val_split
+from impactx_ray.data import ImageData, load_dataset
 from impactx_ray.defaults import CHECKPOINT_FILE
 from impactx_ray.explain import ExplainSettings
 from impactx_ray.io import write_json
@@ -31,22 +31,11 @@ from impactx_ray.report import write_summary
 from impactx_ray.sweep.identity import SweepIdentity, claim
 from impactx_ray.sweep.morf_task import morf_task
 from impactx_ray.sweep.options import SweepOptions
-from impactx_ray.sweep.spaces import (
-    STAGE1_SEARCHED,
-    STAGE2_SEARCHED,
-    Cell,
-    Space,
-    stage1_space,
-    stage2_space,
-)
+from impactx_ray.sweep.spaces import STAGE1_SEARCHED, STAGE2_SEARCHED, Cell, Space, stage1_space, stage2_space
 from impactx_ray.sweep.stage import METRIC, StageFailed, best, run_stage
 from impactx_ray.sweep.tracking import Tracker, artifact_location, tracking_uri
-from impactx_ray.sweep.trainables import (
-    MAPS,
-    METHOD,
-    STAGE1_CHECKPOINT,
-    STAGE_METHODS,
-)
+from impactx_ray.sweep.trainables import MAPS, METHOD, STAGE1_CHECKPOINT, STAGE_METHODS
+from impactx_ray.train import Split
 
 
 def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Path,
@@ -97,8 +86,8 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     winner_cfg = RunConfig.from_dict({**base_dict, **p1})
     done = compute_maps(opts, winner_cfg, cell, ckpt1, train)
     maps = done.store.path.resolve()
-    _, val = train_val_split(len(train), winner_cfg.val_fraction, seed=winner_cfg.seed)
-    chance = chance_warning(m1[METRIC], train.labels[torch.as_tensor(val)])
+    val = Split.of(train, winner_cfg.val_fraction, winner_cfg.seed).val_idx
+    chance = chance_warning(m1[METRIC], train.labels[val])
     found = ([chance] if chance else []) + done.warnings  # chance level, flat maps
     for warning in found:
         opts.log(f"{cell.name}: warning: {warning}")

@@ -18,7 +18,7 @@ import torch
 from ray import tune
 
 from impactx_ray.config import RunConfig
-from impactx_ray.data import ImageData, load_dataset, train_val_split
+from impactx_ray.data import ImageData, load_dataset
 from impactx_ray.defaults import CHECKPOINT_FILE, SELECTION_METRIC
 from impactx_ray.explain import load_maps
 from impactx_ray.io import write_json
@@ -85,14 +85,13 @@ def method_trainable(config: dict[str, Any],
     torch.set_num_threads(max(1, int(config.get(CPUS, 1))))
     device = resolve_device(cfg.device)
     train, test = data or load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
-    tr, va = (torch.as_tensor(i) for i in train_val_split(len(train), cfg.val_fraction,
-                                                          seed=cfg.seed))
+    split = Split.of(train, cfg.val_fraction, cfg.seed)
     resume = _last_state()
     if resume is not None:
         print(f"{method.name}: resuming after epoch {resume['epoch']} from the trial's checkpoint",
               flush=True)
     hooks = FitHooks(on_state=_report_with_state(method.epochs(cfg)), resume=resume, progress=False)
-    inputs = TrainInputs(cfg, Split(train, tr, va), device, hooks)
+    inputs = TrainInputs(cfg, split, device, hooks)
     if method.builds_on_stage1:
         inputs.stage1 = Path(config[STAGE1_CHECKPOINT])
     if method.needs_maps:

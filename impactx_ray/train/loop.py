@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from impactx_ray.data import ImageData
+from impactx_ray.data import ImageData, train_val_split
 from impactx_ray.errors import UserError
 
 
@@ -103,6 +103,12 @@ class Split:
     data: ImageData
     train_idx: Tensor
     val_idx: Tensor
+
+    @classmethod
+    def of(cls, data: ImageData, val_fraction: float, seed: int) -> Split:
+        """The seeded split by validation fraction that every run and trial of a config uses."""
+        tr, va = train_val_split(len(data), val_fraction, seed=seed)
+        return cls(data, torch.as_tensor(tr), torch.as_tensor(va))
 
 
 @dataclass
