@@ -6,6 +6,7 @@
     maps/<key>/            map stores (``explain.ExplainSettings`` names them)
     morf/                  MoRF curves, AOPC and figures (``evaluate --morf``)
     result.json            test accuracies of every method, hyperparameters, timings
+    record.jsonl           every evaluation as the recorder entries a sweep sends to MLflow
     timings.json           seconds per step and maps/s, merged across commands
 """
 
@@ -20,6 +21,7 @@ from impactx_ray.defaults import CHECKPOINT_FILE
 from impactx_ray.errors import UserError
 from impactx_ray.io import file_sha256, read_json, write_json
 from impactx_ray.methods import BASELINE, Method
+from impactx_ray.pipeline.record import FileRecorder, record_evaluation
 from impactx_ray.train.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -52,6 +54,18 @@ class RunDir:
 
     def history(self, method: Method) -> Path:
         return self.root / method.directory / "history.json"
+
+    @property
+    def record(self) -> FileRecorder:
+        """The run's record (``record.jsonl``): what MLflow holds for a sweep's cell, as files."""
+        return FileRecorder(self.root / "record.jsonl")
+
+    def record_evaluation(self, cfg: RunConfig, result: dict[str, Any], morf: bool) -> None:
+        """An evaluation in the run's record: the config, every accuracy, the MoRF measures."""
+        key = self.record.start("run", self.root.name)
+        self.record.params(key, cfg.to_dict())
+        record_evaluation(self.record, key, result, result.get("morf") if morf else None, self.morf)
+        self.record.finish(key)
 
     def save_config(self, cfg: RunConfig) -> None:
         write_json(self.config, cfg.to_dict())

@@ -161,6 +161,7 @@ class Run:
         result["timings_s"] = self.dir.record_timings(**seconds)
         result["warnings"] = list(self.warnings)
         write_json(self.dir.result, result)
+        self.dir.record_evaluation(self.cfg, result, morf)
         return result
 
     def _morf(self, test: ImageData, n: int, replacements: tuple[str, ...]) -> dict[str, Any]:

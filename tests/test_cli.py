@@ -154,6 +154,12 @@ def test_run_end_to_end_then_redo_steps(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["lam"] == 1.2
     assert main(["evaluate", "--out", str(out)]) == 0
     assert json.loads((out / "result.json").read_text())["hyperparameters"]["lam"] == 1.2
+    # every evaluation is in the run's record, as a sweep's cell is in MLflow, the latest last
+    entries = [json.loads(line) for line in (out / "record.jsonl").read_text().splitlines()]
+    assert [e["what"] for e in entries[-4:]] == ["start", "params", "metrics", "finish"]
+    assert entries[-3]["params"]["lam"] == "1.2"
+    assert entries[-2]["metrics"]["impactx_test_accuracy"] == json.loads(
+        (out / "result.json").read_text())["impactx_test_accuracy"]
     state = torch.load(out / "stage2" / "model.pt", weights_only=True)
     assert state["meta"]["config"]["lam"] == 1.2
 

@@ -27,6 +27,7 @@ from impactx_ray.io import write_json
 from impactx_ray.lock import hold
 from impactx_ray.methods import METHODS, ModelSpec, load_model, load_stage1
 from impactx_ray.pipeline import MapsDone, stage1_maps
+from impactx_ray.pipeline.record import record_evaluation
 from impactx_ray.report import write_summary
 from impactx_ray.sweep.identity import SweepIdentity, claim
 from impactx_ray.sweep.morf_task import morf_task
@@ -64,7 +65,7 @@ def log_winner(tracker: Tracker, stage_run: str, params: dict, metrics: dict, mo
 
 
 def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -> dict[str, Any]:
-    cell_run = tracker.run_id(cell.name, cell.name, parent=sweep_run)
+    cell_run = tracker.start(cell.name, cell.name, parent=sweep_run)
     tracker.tags(cell_run, {"impactx.cell": cell.name})
     base = RunConfig.from_dict({**opts.base, "model": cell.model, "dataset": cell.dataset})
     tracker.params(cell_run, {"model": cell.model, "dataset": cell.dataset})
@@ -124,38 +125,31 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
            "stage1_failed": len(s1.errors), "stage2_failed": len(s2.errors),
            "comparison_failed": len(s3.errors), "warnings": warnings, **o1.row("stage1"),
            **o2.row("stage2")}
+    summary = None
     if opts.morf_images:
         abn = others.get("abn")
-        summary = morf_for_cell(opts, tracker, cell, cell_run, winner_cfg, test, ckpt2,
+        summary = morf_for_cell(opts, cell, winner_cfg, test, ckpt2,
                                 Path(abn.checkpoint.path) / CHECKPOINT_FILE if abn else None)
         row.update(aopc=summary["aopc"], metrics=summary["metrics"], sanity=summary["sanity"])
-        tracker.metrics(cell_run, summary["flat_metrics"])  # morf.<replacement>.<method>.<measure>
     tracker.params(cell_run, {k: row[k] for k in (*STAGE1_SEARCHED, *STAGE2_SEARCHED)})
-    tracker.metrics(cell_run, {k: v for k, v in row.items() if k.endswith("accuracy")})
-    tracker.metrics(cell_run, {f"aopc_{m.replace(' ', '_').replace('(', '').replace(')', '')}": v
-                               for m, v in (row.get("aopc") or {}).items()})
+    record_evaluation(tracker, cell_run, row, summary, opts.out / "cells" / cell.name / "morf")
     tracker.finish(cell_run)
     write_json(opts.out / "cells" / cell.name / "result.json", row, sort_keys=False)
     return row
 
 
-def morf_for_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, cell_run: str,
-                  cfg: RunConfig, test: ImageData, impactx_ckpt: Path,
-                  abn_ckpt: Path | None) -> dict[str, Any]:
-    """The cell's MoRF comparison (``morf_task`` on the cluster); its figures logged to MLflow.
-    Returns ``morf.json``'s summary."""
+def morf_for_cell(opts: SweepOptions, cell: Cell, cfg: RunConfig, test: ImageData,
+                  impactx_ckpt: Path, abn_ckpt: Path | None) -> dict[str, Any]:
+    """The cell's MoRF comparison (``morf_task`` on the cluster); returns ``morf.json``'s
+    summary."""
     import ray
 
     out = (opts.out / "cells" / cell.name / "morf").resolve()
     opts.log(f"{cell.name}: MoRF/LeRF comparison and sanity checks on {opts.morf_images} test "
              f"images ({', '.join(opts.replacements)}) -> {out}")
     task = ray.remote(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial)(morf_task)
-    summary = ray.get(task.remote(str(out), cfg.to_dict(), test, impactx_ckpt, abn_ckpt,
-                                  opts.morf_images, opts.replacements))
-    for figure in summary["figures"]:
-        tracker.artifact(cell_run, figure, "figures")
-    tracker.artifact(cell_run, out / "morf.json", "morf")  # the curves' measures with their CIs
-    return summary
+    return ray.get(task.remote(str(out), cfg.to_dict(), test, impactx_ckpt, abn_ckpt,
+                               opts.morf_images, opts.replacements))
 
 
 def claim_out(opts: SweepOptions) -> SweepIdentity:
@@ -173,7 +167,7 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
     tracker = Tracker(tracking_uri(opts.out), experiment=sweep.experiment,
                       artifact_location=artifact_location(opts.out),
                       key_prefix=sweep.key(""), tags={"impactx.sweep": sweep.name})
-    sweep_run = tracker.run_id("sweep", f"sweep {sweep.name}")
+    sweep_run = tracker.start("sweep", f"sweep {sweep.name}")
     tracker.params(sweep_run, {"smoke": opts.smoke, "full_stage2": opts.full_stage2,
                                "cells": ",".join(c.name for c in opts.cells),
                                "search": opts.search.label, **opts.search.settings(),
@@ -184,7 +178,7 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
             rows.append(run_cell(opts, tracker, cell, sweep_run))
         except StageFailed as e:
             opts.log(f"{cell.name}: stopped: {e}; the sweep goes on with the other cells")
-            tracker.finish(tracker.run_id(cell.name, cell.name, parent=sweep_run), ok=False)
+            tracker.finish(tracker.start(cell.name, cell.name, parent=sweep_run), ok=False)
             rows.append({"model": cell.model, "dataset": cell.dataset, "error": str(e),
                          "failed_trials": e.failed})
     # the sweep run answers "what won, found how" without opening the cells

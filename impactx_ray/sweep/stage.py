@@ -53,7 +53,7 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
     sample, ASHA stopping trials if asked (the comparison stage's two fixed trials always run
     whole). Returns (ResultGrid, stage run id, how the stage went)."""
     key = f"{cell.name}/{stage}"
-    stage_run = tracker.run_id(key, f"{cell.name} {stage}", parent=parent)
+    stage_run = tracker.start(key, f"{cell.name} {stage}", parent=parent)
     tracker.tags(stage_run, {"impactx.cell": cell.name, "impactx.stage": stage})
     search = (opts.search if stage in STAGE_METHODS else SearchSpec()).for_space(space)
     plan = tune_plan(space, search, get_method(STAGE_METHODS.get(stage, "baseline")).epochs(

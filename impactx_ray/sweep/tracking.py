@@ -9,10 +9,10 @@ duplicating them. Nesting: sweep → cell → stage → trial, through ``mlflow.
 from __future__ import annotations
 
 import logging
-import math
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray import tune
 
+from impactx_ray.pipeline.record import finite_metrics
 from impactx_ray.sweep.search import stopped_early
 
 EXPERIMENT = "impactx"
@@ -32,6 +33,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # Test accuracy is not among them: it is logged on the stage winners only, so the trials
 # invite no selection by it.
 METRIC_PREFIXES = ("train_", "val_", "best_")
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
 
 
 def tracking_uri(out: str | Path) -> str:
@@ -48,7 +50,8 @@ def artifact_location(out: str | Path) -> str | None:
 
 
 class Tracker:
-    """Get-or-create runs by key and log to them, without MLflow's global active-run state."""
+    """``pipeline.record.Recorder`` on MLflow: runs addressed by key, each found again by its
+    ``impactx.key`` tag or created on ``start``; no use of MLflow's global active-run state."""
 
     def __init__(self, uri: str, experiment: str = EXPERIMENT,
                  artifact_location: str | None = None, key_prefix: str = "",
@@ -58,9 +61,13 @@ class Tracker:
         self.run_tags = dict(tags or {})  # set on every run this tracker creates
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
+        self._ids: dict[str, str] = {}  # key -> MLflow run id, of the runs started or found
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its experiment state
-        return {**self.__dict__, "_client": None, "_experiment_id": None}
+        return {**self.__dict__, "_client": None, "_experiment_id": None, "_ids": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_ids": {}, **state})  # pickles of earlier versions had no _ids
 
     @property
     def client(self) -> MlflowClient:
@@ -76,48 +83,68 @@ class Tracker:
                     self._client.set_experiment_tag(self._experiment_id, key, value)
         return self._client
 
-    def run_id(self, key: str, name: str, parent: str | None = None) -> str:
-        """The id of the run tagged ``key``, created (under ``parent``) if there is none yet."""
-        client = self.client
-        key = self.key_prefix + key
-        found = client.search_runs([self._experiment_id], f"tags.`{KEY_TAG}` = '{key}'",
-                                   max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-            if found[0].info.status != "FINISHED":
-                client.update_run(run_id, status="RUNNING")
-            return run_id
-        tags = {**self.run_tags, KEY_TAG: key}
-        if parent is not None:
-            tags["mlflow.parentRunId"] = parent
-        return client.create_run(self._experiment_id, tags=tags, run_name=name).info.run_id
+    def _find(self, key: str) -> Any:
+        found = self.client.search_runs([self._experiment_id],
+                                        f"tags.`{KEY_TAG}` = '{self.key_prefix + key}'",
+                                        max_results=1)
+        return found[0] if found else None
 
-    def params(self, run_id: str, params: dict[str, Any]) -> None:
+    def id_of(self, key: str) -> str:
+        """The MLflow run id of the run ``key`` (started, or found again by its tag). A sweep
+        directory of an earlier version may hand over a run id itself: it is taken as one."""
+        if key not in self._ids:
+            found = self._find(key)
+            if found is None:
+                if RUN_ID.fullmatch(key):
+                    return key
+                raise KeyError(f"no MLflow run with key {key!r}: start it first")
+            self._ids[key] = found.info.run_id
+        return self._ids[key]
+
+    def start(self, key: str, name: str, parent: str | None = None) -> str:
+        """Find the run tagged ``key`` again (a resumed sweep; set RUNNING unless finished) or
+        create it under ``parent``'s run; returns ``key``."""
+        found = self._find(key)
+        if found is not None:
+            run_id = found.info.run_id
+            if found.info.status != "FINISHED":
+                self.client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {**self.run_tags, KEY_TAG: self.key_prefix + key}
+            if parent is not None:
+                tags["mlflow.parentRunId"] = self.id_of(parent)
+            run_id = self.client.create_run(self._experiment_id, tags=tags,
+                                            run_name=name).info.run_id
+        self._ids[key] = run_id
+        return key
+
+    def params(self, key: str, params: Mapping[str, Any]) -> None:
+        run_id = self.id_of(key)
         logged = self.client.get_run(run_id).data.params
         new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in logged]
         for start in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[start:start + 100])
 
-    def metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    def metrics(self, key: str, metrics: Mapping[str, Any], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        batch = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
         if batch:
-            self.client.log_batch(run_id, metrics=batch)
+            self.client.log_batch(self.id_of(key), metrics=batch)
 
-    def tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    def tags(self, key: str, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.id_of(key), tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def finish(self, run_id: str, ok: bool = True) -> None:
+    def finish(self, key: str, ok: bool = True) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-        self.client.set_terminated(run_id, status=status)
+        self.client.set_terminated(self.id_of(key), status=status)
 
-    def artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path=folder)
+    def artifact(self, key: str, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.id_of(key), str(path), artifact_path=folder)
 
-    def model(self, run_id: str, model: Any, name: str = "model") -> None:
+    def model(self, key: str, model: Any, name: str = "model") -> None:
         """Log a torch model with ``mlflow.pytorch``: pickled whole (``mlflow.pytorch.load_model``
         needs impactx-ray importable), requirements given rather than inferred."""
+        run_id = self.id_of(key)
         mlflow.set_tracking_uri(self.uri)
         # The pickle format is chosen knowingly (pt2 cannot export every timm model); mute the
         # warning it logs on every call.
@@ -131,7 +158,7 @@ class Tracker:
 class MLflowTrialLogger(tune.Callback):
     """Tune callback (driver side): one MLflow run per trial, params, per-epoch metrics, status."""
 
-    def __init__(self, tracker: Tracker, stage_key: str, parent: str,
+    def __init__(self, tracker: Tracker, stage_key: str, parent: str,  # the stage run's key
                  param_keys: tuple[str, ...],
                  params_of: Callable[[dict[str, Any]], dict[str, Any]],
                  tags_of: Callable[[dict[str, Any]], dict[str, str]],
@@ -149,14 +176,14 @@ class MLflowTrialLogger(tune.Callback):
         return f"{self.stage_key}/{point}" + (f"#{trial_id}" if self.sampled else "")
 
     def _run(self, trial: Any) -> str:
+        """The trial's run key, its run started (with params and tags) on first use."""
         if trial.trial_id not in self.runs:
             name = ", ".join(f"{k}={trial.config[k]}" for k in self.param_keys)
-            run_id = self.tracker.run_id(self.trial_key(trial.config, trial.trial_id), name,
-                                      parent=self.parent)
-            self.tracker.params(run_id, self.params_of(trial.config))
-            self.tracker.tags(run_id, {**self.tags_of(trial.config),
-                                       "impactx.trial_id": trial.trial_id})
-            self.runs[trial.trial_id] = run_id
+            key = self.tracker.start(self.trial_key(trial.config, trial.trial_id), name,
+                                     parent=self.parent)
+            self.tracker.params(key, self.params_of(trial.config))
+            self.tracker.tags(key, {**self.tags_of(trial.config), "impactx.trial_id": trial.trial_id})
+            self.runs[trial.trial_id] = key
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -169,21 +196,21 @@ class MLflowTrialLogger(tune.Callback):
         self.tracker.metrics(self._run(trial), ours, step=step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._run(trial)
+        key = self._run(trial)
         history = Path(trial.checkpoint.path) / "history.json" if trial.checkpoint else None
         if history is not None and history.is_file():
-            self.tracker.artifact(run_id, history)  # every epoch's metrics, as the trial saw them
+            self.tracker.artifact(key, history)  # every epoch's metrics, as the trial saw them
         # A trial the scheduler (ASHA) stopped ends without its final report: finished, not
         # failed, its per-epoch curves kept, and tagged so it can be filtered in the UI.
         last = trial.last_result or {}
-        self.tracker.tags(run_id, {EARLY_STOPPED_TAG: str(stopped_early(last)).lower(),
-                                   "impactx.epochs_run": last.get("epoch", "-")})
-        self.tracker.finish(run_id, ok=True)
+        self.tracker.tags(key, {EARLY_STOPPED_TAG: str(stopped_early(last)).lower(),
+                                "impactx.epochs_run": last.get("epoch", "-")})
+        self.tracker.finish(key, ok=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._run(trial)
-        self.tracker.tags(run_id, {"impactx.error": str(trial.error_file or "see Tune logs")})
-        self.tracker.finish(run_id, ok=False)
+        key = self._run(trial)
+        self.tracker.tags(key, {"impactx.error": str(trial.error_file or "see Tune logs")})
+        self.tracker.finish(key, ok=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "runs": {}}
