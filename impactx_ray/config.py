@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from impactx_ray.defaults import MAX_EVALS, MIN_MAX_EVALS, SHAP_BATCH_SIZE
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, is_int
 
 # The RunConfig fields each product of a run depends on (the method table in ``methods.py`` says
 # which groups a method's checkpoint records; a finished step is reused only when they match).
@@ -70,7 +70,7 @@ class RunConfig:
         if self.input_size is not None:
             check_int("--input-size", self.input_size, minimum=8)
         # numpy's RandomState (the split, shap's tie-breaks) takes seeds in [0, 2**32)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
         _check_types(self)
         _check_positive("--lr", self.lr)
@@ -159,7 +159,7 @@ def _is_number(v: Any) -> bool:
 def check_int(flag: str, value: Any, *, minimum: int) -> None:
     """UserError ``<flag> must be an integer >= <minimum>, got <value>`` unless it is one (bools
     are not); shared by RunConfig and the sweep's search settings."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_int(value, minimum):
         raise UserError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 
 

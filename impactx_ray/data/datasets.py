@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from impactx_ray.data.torchvision_sets import check_torchvision_present, load_torchvision
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, is_int
 
 BUILTIN_DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "stl10")
 IMAGEFOLDER_PREFIX = "imagefolder:"
@@ -106,7 +106,7 @@ def check_dataset_name(name: str) -> None:
 
 
 def _check_image_size(image_size: int) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+    if not is_int(image_size, 1):
         raise UserError(f"image size {image_size!r} is not a positive integer; use e.g. 32")
     return int(image_size)
 

@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, is_int
 
 
 def validation_size(n: int, val_fraction: float) -> int:
@@ -30,7 +30,7 @@ def train_val_split(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndar
     exactly once. Raises UserError when ``val_fraction`` is not strictly between 0 and 1 or when the
     split would leave no training sample.
     """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+    if not is_int(n, 0):
         raise UserError(f"number of samples {n!r} is not a non-negative integer; pass the data set's length")
     if (
         isinstance(val_fraction, bool)

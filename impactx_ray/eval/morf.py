@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from impactx_ray.errors import is_int
 from impactx_ray.eval.road import Replacement, check_replacement, draw_fill
 
 ArrayLike = np.ndarray | Tensor
@@ -136,7 +137,7 @@ def morf_curve(model: Callable[[Tensor], Tensor], images: ArrayLike, labels: Arr
         raise ValueError(f"order must be morf or lerf, got {order!r}")
     check_replacement(replacement)
     region = region or default_region((h, w))
-    if isinstance(region, bool) or not isinstance(region, int) or region < 1:
+    if not is_int(region, 1):
         raise ValueError(f"region must be a positive number of pixels, got {region!r}")
     total = (-(-h // region)) * (-(-w // region))
     steps = total if steps is None else int(steps)

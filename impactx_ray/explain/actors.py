@@ -38,7 +38,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from tqdm.auto import tqdm
 
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, is_int
 from impactx_ray.explain.compute import check_fits, check_settings
 from impactx_ray.explain.settings import ExplainSettings
 from impactx_ray.explain.shap_maps import TrueClassExplainer, check_images, labels_array, to_hwc
@@ -145,7 +145,7 @@ class MapPool:
                  gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
                  torch_threads: int = 1, max_restarts: int = 3,
                  log: Callable[[str], None] = _stderr, watchdog_s: float = 60.0) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        if not is_int(workers, 1):
             raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
         check_images(images)
         n, c, h, w = images.shape
@@ -334,7 +334,7 @@ def compute_store_ray(store: MapStore, build_model: ModelBuilder, images: torch.
     ``compute_store``, with the same maps. ``pool_options`` as for ``MapPool`` (forward_batch,
     gpus_per_worker -- None: 1 when the cluster has GPUs, else 0 --, cpus_per_worker, ...).
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not is_int(workers, 1):
         raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
     check_fits(store, images)
     check_settings(store, settings, tuple(images.shape[-2:]))

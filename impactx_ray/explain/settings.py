@@ -29,7 +29,7 @@ from typing import Any
 
 from impactx_ray.data import ImageData, dataset_fingerprint
 from impactx_ray.defaults import MAX_EVALS, SHAP_BATCH_SIZE
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, is_int
 from impactx_ray.explain.forward import DEFAULT_COMPILE, DEFAULT_PRECISION, check_compile, check_precision
 from impactx_ray.explain.shap_maps import DEFAULT_ENGINE, check_engine, check_max_evals, default_masker, validate_masker
 from impactx_ray.explain.store import MANIFEST, MapStore
@@ -55,9 +55,9 @@ class ExplainSettings:
         if self.masker is not None:
             validate_masker(self.masker)
         check_max_evals(self.max_evals)
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not is_int(self.batch_size, 1):
             raise UserError(f"batch_size={self.batch_size!r} is invalid; use an int >= 1")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise UserError(f"seed={self.seed!r} is invalid; use an int")
         check_engine(self.engine)
         check_precision(self.precision)

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from impactx_ray.defaults import MAX_EVALS, MIN_MAX_EVALS, SHAP_BATCH_SIZE
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, is_int
 from impactx_ray.explain.batched import BatchedPartition, auto_forward_batch
 from impactx_ray.explain.forward import DEFAULT_COMPILE, DEFAULT_PRECISION, ModelForward
 
@@ -117,7 +117,7 @@ def torch_threads_ctx(n: int | None) -> Iterator[None]:
     """
     before = torch.get_num_threads()
     if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not is_int(n, 1):
             raise UserError(f"torch_threads={n!r} is invalid; use an int >= 1, or None to keep torch's setting")
         torch.set_num_threads(n)
     try:
@@ -170,13 +170,13 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def check_max_evals(max_evals: object) -> None:
     """UserError unless ``max_evals`` is an int >= MIN_MAX_EVALS (defaults.py says why)."""
-    if isinstance(max_evals, bool) or not isinstance(max_evals, (int, np.integer)) or max_evals < MIN_MAX_EVALS:
+    if not is_int(max_evals, MIN_MAX_EVALS):
         raise UserError(f"max_evals={max_evals!r} is invalid; use an int >= {MIN_MAX_EVALS} "
                         f"(the paper uses {MAX_EVALS})")
 
 
 def _check_positive_int(name: str, value: object, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_int(value, 1):
         raise UserError(f"{name}={value!r} is invalid; use an int >= 1 ({hint})")
 
 

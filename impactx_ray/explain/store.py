@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, is_int
 from impactx_ray.io import file_sha256, write_bytes
 
 FORMAT = "impactx-ray-mapstore"
@@ -67,10 +67,6 @@ def _normalize_meta(meta: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"map store meta must be JSON values (str, int, float, list, dict): {e}") from None
 
 
-def _is_int(v: Any, minimum: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-
-
 def _manifest_problem(m: dict[str, Any]) -> str | None:
     """What is wrong with a manifest's structure, or None. Every shard ``file`` must be a plain
     name in the store: a tampered ``../../x.npy`` would otherwise read (and rewrite) files
@@ -79,10 +75,10 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         return "no meta object"
     if not isinstance(m.get("store_id"), str):
         return "no store_id"
-    if not _is_int(m.get("num_maps"), 1) or not _is_int(m.get("shard_size"), 1):
+    if not is_int(m.get("num_maps"), 1) or not is_int(m.get("shard_size"), 1):
         return "num_maps and shard_size must be integers >= 1"
     shape = m.get("map_shape")
-    if not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(s, 1) for s in shape):
+    if not isinstance(shape, list) or len(shape) != 3 or not all(is_int(s, 1) for s in shape):
         return f"map_shape {shape!r} is not [H, W, C]"
     shards = m.get("shards")
     if not isinstance(shards, list) or not shards:
@@ -95,7 +91,7 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         if (not isinstance(name, str) or not name.endswith(".npy") or name != os.path.basename(name)
                 or name.startswith(".") or "\\" in name):
             return f"shard {i} file {name!r} is not a file name inside the store"
-        if shard.get("start") != stop or not _is_int(shard.get("stop"), stop + 1):
+        if shard.get("start") != stop or not is_int(shard.get("stop"), stop + 1):
             return f"shard {i} does not continue the previous one"
         stop = shard["stop"]
     if stop != m["num_maps"]:
@@ -151,9 +147,9 @@ class MapStore:
     ) -> MapStore:
         """Open the store at ``path`` if it matches, create it if absent; UserError on any mismatch."""
         path = Path(path)
-        if isinstance(num_maps, bool) or not isinstance(num_maps, int) or num_maps < 1:
+        if not is_int(num_maps, 1):
             raise UserError(f"num_maps={num_maps!r} is invalid; a map store needs at least one map")
-        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        if not is_int(shard_size, 1):
             raise UserError(f"shard_size={shard_size!r} is invalid; use an int >= 1 (default {DEFAULT_SHARD_SIZE})")
         shape = [int(s) for s in map_shape]
         if len(shape) != 3 or min(shape) < 1:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import timm
 
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, is_int
 from impactx_ray.models import lenet5 as _lenet5  # noqa: F401  (registers "lenet5")
 from impactx_ray.models.registry import _DEFAULT_PRETRAINED, BACKBONES, Backbone, list_backbones
 from impactx_ray.models.timm_backbones import create_timm_backbone
@@ -61,11 +61,9 @@ def create_backbone(
     overrides the size images are resized to; None keeps the model's own.
     """
     check_backbone_name(name)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_int(num_classes, 1):
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if input_size is not None and (
-        isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8
-    ):
+    if input_size is not None and not is_int(input_size, 8):
         raise UserError(f"input_size must be an integer >= 8 pixels, got {input_size!r}; or leave it unset")
     path = resolve_weights(name, weights)
     if name in BACKBONES:
