@@ -42,7 +42,8 @@ class RunDir:
         return self.root / "timings.json"
 
     @property
-    def maps(self) -> Path:
+    def map_stores(self) -> Path:
+        """The folder of the run's map stores, one per (checkpoint, settings)."""
         return self.root / "maps"
 
     @property

@@ -72,7 +72,7 @@ class Run:
         """Compute the missing maps of the stage-1 checkpoint's store, here or on Ray workers."""
         self.dir.check_stage1(self.cfg, checkpoint)
         done = pipeline.stage1_maps(checkpoint or self.dir.checkpoint(BASELINE), self.spec,
-                                    self.data[0], self.settings, self.dir.maps, device=self.device,
+                                    self.data[0], self.settings, self.dir.map_stores, device=self.device,
                                     workers=self.workers, gpus_per_worker=self.gpus_per_worker,
                                     progress=self.progress)
         if done.computed:
@@ -84,9 +84,9 @@ class Run:
 
     # -- training ---------------------------------------------------------------------------------
     def train(self, method: Method, checkpoint: Path | None = None,
-              maps: Path | None = None) -> dict[str, Any]:
-        """Train ``method`` (on ``checkpoint``, the stage-1 model, and its ``maps`` when it needs
-        them), save its checkpoint and history; returns the checkpoint's meta."""
+              store: Path | None = None) -> dict[str, Any]:
+        """Train ``method`` (on ``checkpoint``, the stage-1 model, and its maps, from ``store`` or
+        the run's own, when it needs them), save its checkpoint and history; returns the meta."""
         inputs = TrainInputs(self.cfg, self.split(), self.device, FitHooks(progress=self.progress))
         if method.builds_on_stage1:
             self.dir.check_stage1(self.cfg, checkpoint)
@@ -94,7 +94,7 @@ class Run:
             load_stage1(inputs.stage1, self.spec)  # a bad checkpoint fails before the maps load
             if method.needs_maps:  # from --maps (checked) or the run's store
                 inputs.maps = load_checkpoint_maps(file_sha256(inputs.stage1), self.settings,
-                                                   self.dir.maps, maps)
+                                                   self.dir.map_stores, store)
         else:
             self.check_inputs(trains=(method,))
         start = time.perf_counter()
@@ -151,7 +151,7 @@ class Run:
             if not method.builds_on_stage1:
                 self.check_chance(method, meta["val_accuracy"])
             elif method.needs_maps and not self.dir.stale(method):  # a collapsed stage 1?
-                self.warn(pipeline.maps.run_store_warning(self.settings, self.dir.maps,
+                self.warn(pipeline.maps.run_store_warning(self.settings, self.dir.map_stores,
                                                           self.dir.checkpoint(BASELINE), train))
             result.update(done.row())
             seconds[method.name] = meta["seconds"]

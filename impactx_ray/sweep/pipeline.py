@@ -35,7 +35,7 @@ from impactx_ray.sweep.options import SweepOptions
 from impactx_ray.sweep.spaces import STAGE1_SEARCHED, STAGE2_SEARCHED, Cell, Space, stage1_space, stage2_space
 from impactx_ray.sweep.stage import METRIC, StageFailed, best, run_stage
 from impactx_ray.sweep.tracking import Tracker, artifact_location, tracking_uri
-from impactx_ray.sweep.trainables import MAPS, METHOD, STAGE1_CHECKPOINT, STAGE_METHODS
+from impactx_ray.sweep.trainables import MAP_STORE, METHOD, STAGE1_CHECKPOINT, STAGE_METHODS
 from impactx_ray.train import Split
 
 
@@ -86,7 +86,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
              f"test acc {m1['test_accuracy']:.4f}")
     winner_cfg = RunConfig.from_dict({**base_dict, **p1})
     done = compute_maps(opts, winner_cfg, cell, ckpt1, train)
-    maps = done.store.path.resolve()
+    store_path = done.store.path.resolve()
     val = Split.of(train, winner_cfg.val_fraction, winner_cfg.seed).val_idx
     chance = chance_warning(m1[METRIC], train.labels[val])
     found = ([chance] if chance else []) + done.warnings  # chance level, flat maps
@@ -98,7 +98,7 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     log_winner(tracker, s1_run, p1, m1, load_stage1(ckpt1, spec))
 
     # Stage 2 and the comparison methods read the stage-1 winner and its map store.
-    on_winner = {**base_dict, STAGE1_CHECKPOINT: str(ckpt1), MAPS: str(maps)}
+    on_winner = {**base_dict, STAGE1_CHECKPOINT: str(ckpt1), MAP_STORE: str(store_path)}
     space2 = stage2_space(opts.small_spaces, opts.full_stage2, winner=p1)
     s2, s2_run, o2 = run_stage(opts, tracker, cell, "stage2", cell_run, space2, {**on_winner, **p1},
                            (train, test))

@@ -28,8 +28,9 @@ from impactx_ray.train import FitHooks, Split, StageResult, accuracy, resolve_de
 from impactx_ray.train.checkpoint import save_checkpoint
 
 # Trial config entries that are not RunConfig fields.
-METHOD, STAGE1_CHECKPOINT, MAPS, CPUS = "method", "stage1_checkpoint", "maps", "cpus_per_trial"
-EXTRA_KEYS = (METHOD, STAGE1_CHECKPOINT, MAPS, CPUS)
+# (MAP_STORE's value stays "maps": trial configs of earlier sweeps restore with it.)
+METHOD, STAGE1_CHECKPOINT, MAP_STORE, CPUS = "method", "stage1_checkpoint", "maps", "cpus_per_trial"
+EXTRA_KEYS = (METHOD, STAGE1_CHECKPOINT, MAP_STORE, CPUS)
 
 
 def run_config(config: dict[str, Any]) -> RunConfig:
@@ -95,7 +96,7 @@ def method_trainable(config: dict[str, Any],
     if method.builds_on_stage1:
         inputs.stage1 = Path(config[STAGE1_CHECKPOINT])
     if method.needs_maps:
-        inputs.maps = load_maps(config[MAPS])  # the shared store: computed once per winner
+        inputs.maps = load_maps(config[MAP_STORE])  # the shared store: computed once per winner
     result, meta = train_method(method, inputs)
     _final_report(result, accuracy(result.model, test, device=device), meta)
 
