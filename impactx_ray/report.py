@@ -16,8 +16,8 @@ from impactx_ray.errors import UserError
 from impactx_ray.eval.paper import PAPER_TABLE2
 from impactx_ray.io import write_bytes
 from impactx_ray.methods import METHODS
+from impactx_ray.pipeline.result import HYPER, as_row
 
-HYPER = ("batch_size", "lr", "val_fraction", "lam")
 NESTED = ("metrics", "sanity")  # morf.json's per-replacement measures and sanity checks
 
 
@@ -35,21 +35,12 @@ def _search_cell(row: dict[str, Any], stage: str) -> str:
             + f", {row.get(f'{stage}_trial_epochs')} trial-epochs")
 
 
-def _row_from_result(result: dict[str, Any]) -> dict[str, Any]:
-    """A run directory's ``result.json`` as a summary row."""
-    hp = result.get("hyperparameters", {})
-    row = {"model": hp.get("model"), "dataset": hp.get("dataset"), **{k: hp.get(k) for k in HYPER}}
-    row.update({k: v for k, v in result.items() if k.endswith("_accuracy")})
-    if "morf" in result:
-        row["aopc"] = result["morf"]["aopc"]
-        row.update({k: result["morf"][k] for k in NESTED if k in result["morf"]})
-    return row
-
-
 def collect_rows(out: Path) -> list[dict[str, Any]]:
+    """The result rows of a run directory (one) or a sweep directory (one per cell), of any
+    version (``pipeline.result.as_row``)."""
     if (out / "result.json").exists():
-        return [_row_from_result(json.loads((out / "result.json").read_text()))]
-    rows = [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/result.json"))]
+        return [as_row(json.loads((out / "result.json").read_text()))]
+    rows = [as_row(json.loads(p.read_text())) for p in sorted(out.glob("cells/*/result.json"))]
     if not rows:
         raise UserError(f"{out} holds neither result.json (a run) nor cells/*/result.json "
                         "(a sweep); run `impactx run` or sweeps/full_grid.py first")
@@ -128,7 +119,7 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     flat = []
     for r in rows:
         paper = PAPER_TABLE2.get((r.get("dataset"), r.get("model")), {})
-        flat.append({**{k: v for k, v in r.items() if k not in ("aopc", *NESTED)},
+        flat.append({**{k: v for k, v in r.items() if not isinstance(v, dict)},  # one value each
                      **{f"aopc_{m}": v for m, v in (r.get("aopc") or {}).items()},
                      **{f"paper_{m}_test_accuracy": paper[m] / 100 for m in paper}})
     keys = list(dict.fromkeys(k for r in flat for k in r))

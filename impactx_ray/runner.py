@@ -139,27 +139,28 @@ class Run:
         self.dir.check_compatible(self.cfg, tuple(METHODS.values()),
                                   "evaluate with the settings it was trained with, or redo it "
                                   f"(`impactx stage1|stage2 --out {self.dir.root}` with these flags)")
-        result: dict[str, Any] = {"hyperparameters": self.cfg.to_dict(), "num_train": len(train),
-                                  "num_test": len(test), "device": str(self.device),
-                                  "trained_with": {}}
         trained = {m: self.dir.checkpoint(m) for m in METHODS.values()
                    if m is BASELINE or self.dir.checkpoint(m).exists()}
-        seconds = {}
+        accuracies, trained_with, seconds = {}, {}, {}
         for done in pipeline.evaluate_checkpoints(trained, self.spec, test, self.device):
             method, meta = done.method, done.meta
-            result["trained_with"][method.name] = meta.get("config")
+            trained_with[method.name] = meta.get("config")
             if not method.builds_on_stage1:
                 self.check_chance(method, meta["val_accuracy"])
             elif method.needs_maps and not self.dir.stale(method):  # a collapsed stage 1?
                 self.warn(pipeline.maps.run_store_warning(self.settings, self.dir.map_stores,
                                                           self.dir.checkpoint(BASELINE), train))
-            result.update(done.row())
+            accuracies.update(done.row())
             seconds[method.name] = meta["seconds"]
         previous = read_json(self.dir.result) if self.dir.result.exists() else {}
-        if morf or "morf" in previous:  # an earlier MoRF evaluation is kept in the result
-            result["morf"] = self._morf(test, morf_images, replacements) if morf else previous["morf"]
-        result["timings_s"] = self.dir.record_timings(**seconds)
-        result["warnings"] = list(self.warnings)
+        summary = (self._morf(test, morf_images, replacements) if morf  # else an earlier one, kept
+                   else previous.get("morf"))
+        # the core every result shares (pipeline/result.py), then what a run adds
+        result = {**pipeline.result_row(self.cfg, accuracies, summary, self.warnings),
+                  "hyperparameters": self.cfg.to_dict(), "trained_with": trained_with,
+                  "num_train": len(train), "num_test": len(test), "device": str(self.device),
+                  "timings_s": self.dir.record_timings(**seconds),
+                  **({"morf": summary} if summary is not None else {})}
         write_json(self.dir.result, result)
         self.dir.record_evaluation(self.cfg, result, morf)
         return result

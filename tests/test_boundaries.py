@@ -28,7 +28,7 @@ ALLOWED = {
     "methods": BASE | {"data", "models", "config", "train", "explain"},
     "checks": BASE | {"data", "config", "train", "explain"},
     "rundir": BASE | {"config", "methods", "train", "pipeline"},
-    "report": BASE | {"eval", "methods"},
+    "report": BASE | {"eval", "methods", "pipeline", "config"},
     "pipeline": BASE | {"data", "models", "config", "train", "explain", "eval", "methods", "checks"},
     "runner": BASE | {"data", "config", "explain", "eval", "methods", "rundir", "train", "checks",
                       "report", "pipeline"},

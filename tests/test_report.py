@@ -41,6 +41,24 @@ def test_report_of_a_sweep_directory(tmp_path, capsys):
     assert md == summary_markdown(collect_rows(out))
 
 
+def test_one_result_schema_for_runs_and_cells_and_earlier_run_files_lifted():
+    from impactx_ray.config import RunConfig
+    from impactx_ray.pipeline.result import as_row, result_row
+
+    cfg = RunConfig(model="lenet5", dataset="digits", batch_size=16, lr=0.001, val_fraction=0.2, lam=0.8)
+    morf = {"aopc": {"IMPACTX": 0.5}, "metrics": {"noise": {}}, "sanity": {}, "figures": ["x.png"]}
+    row = result_row(cfg, {"baseline_test_accuracy": 0.9}, morf, ["w"])
+    assert row == {"model": "lenet5", "dataset": "digits", "batch_size": 16, "lr": 0.001,
+                   "val_fraction": 0.2, "lam": 0.8, "baseline_test_accuracy": 0.9,
+                   "aopc": {"IMPACTX": 0.5}, "metrics": {"noise": {}}, "sanity": {}, "warnings": ["w"]}
+    assert as_row(row) == row  # this schema is read as it is
+    earlier = {"hyperparameters": cfg.to_dict(), "baseline_test_accuracy": 0.9, "num_test": 360,
+               "morf": morf}  # a run's result.json from before the schema
+    lifted = as_row(earlier)
+    assert {k: lifted[k] for k in row if k != "warnings"} == {k: v for k, v in row.items() if k != "warnings"}
+    assert lifted["num_test"] == 360 and lifted["morf"] == morf
+
+
 def test_report_of_an_empty_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["report", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

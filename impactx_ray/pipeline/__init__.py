@@ -8,7 +8,8 @@ runs on both paths.
 from impactx_ray.pipeline.evaluate import Evaluated, evaluate_checkpoints
 from impactx_ray.pipeline.maps import MapsDone, check_before_writing, stage1_maps
 from impactx_ray.pipeline.morf import compare_maps, impactx_to_compare
+from impactx_ray.pipeline.result import as_row, result_row
 from impactx_ray.pipeline.train import train_step
 
-__all__ = ["Evaluated", "MapsDone", "check_before_writing", "compare_maps", "evaluate_checkpoints",
-           "impactx_to_compare", "stage1_maps", "train_step"]
+__all__ = ["Evaluated", "MapsDone", "as_row", "check_before_writing", "compare_maps",
+           "evaluate_checkpoints", "impactx_to_compare", "result_row", "stage1_maps", "train_step"]

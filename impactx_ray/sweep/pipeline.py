@@ -26,7 +26,7 @@ from impactx_ray.explain import ExplainSettings
 from impactx_ray.io import write_json
 from impactx_ray.lock import hold
 from impactx_ray.methods import METHODS, ModelSpec, load_model, load_stage1
-from impactx_ray.pipeline import MapsDone, stage1_maps
+from impactx_ray.pipeline import MapsDone, result_row, stage1_maps
 from impactx_ray.pipeline.record import record_evaluation
 from impactx_ray.report import write_summary
 from impactx_ray.sweep.identity import SweepIdentity, claim
@@ -117,20 +117,19 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
                              for m, r in others.items()})
     tracker.finish(s3_run)
 
-    row = {"model": cell.model, "dataset": cell.dataset,
-           "baseline_test_accuracy": m1["test_accuracy"], "impactx_test_accuracy": m2["test_accuracy"],
-           **{f"{m}_test_accuracy": r.metrics["test_accuracy"] for m, r in others.items()},
-           "baseline_val_accuracy": m1[METRIC], "impactx_val_accuracy": m2[METRIC],
-           **{k: p1[k] for k in STAGE1_SEARCHED}, "lam": p2.get("lam"),
-           "stage1_failed": len(s1.errors), "stage2_failed": len(s2.errors),
-           "comparison_failed": len(s3.errors), "warnings": warnings, **o1.row("stage1"),
-           **o2.row("stage2")}
     summary = None
     if opts.morf_images:
         abn = others.get("abn")
         summary = morf_for_cell(opts, cell, winner_cfg, test, ckpt2,
                                 Path(abn.checkpoint.path) / CHECKPOINT_FILE if abn else None)
-        row.update(aopc=summary["aopc"], metrics=summary["metrics"], sanity=summary["sanity"])
+    winners = {"baseline": m1, "impactx": m2, **{m: r.metrics for m, r in others.items()}}
+    accuracies = {f"{m}_{which}_accuracy": metrics[key] for m, metrics in winners.items()
+                  for which, key in (("val", METRIC), ("test", "test_accuracy"))}
+    # the core every result shares (pipeline/result.py), then how the cell's stages went
+    row = {**result_row(winner_cfg.replace(lam=p2.get("lam", base.lam)), accuracies, summary,
+                        warnings),
+           "stage1_failed": len(s1.errors), "stage2_failed": len(s2.errors),
+           "comparison_failed": len(s3.errors), **o1.row("stage1"), **o2.row("stage2")}
     tracker.params(cell_run, {k: row[k] for k in (*STAGE1_SEARCHED, *STAGE2_SEARCHED)})
     record_evaluation(tracker, cell_run, row, summary, opts.out / "cells" / cell.name / "morf")
     tracker.finish(cell_run)
