@@ -18,3 +18,15 @@ def digits():
     from impactx_ray.data import load_dataset
 
     return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def submitted_sweep(tmp_path_factory):
+    """Made once per pytest session, for every test that needs a finished sweep on a cluster:
+    a Ray head with token auth and a real MLflow server (``tests/cluster.py``), and the smoke
+    sweep submitted to it with ``ray job submit`` from the repository, as docs/sweeps.md runs it
+    (comparison with ABN, WAE and single-stage IMPACTX). Both stay up until the session ends."""
+    from shared_sweep import SubmittedSweep
+
+    with SubmittedSweep(tmp_path_factory.mktemp("submitted-sweep")) as sweep:
+        yield sweep

@@ -18,7 +18,7 @@ from impactx_ray.data import train_val_split
 from impactx_ray.report import summary_markdown, write_summary
 from impactx_ray.sweep.spaces import LAMBDAS, LEARNING_RATES, cells, plan, stage1_space, stage2_space
 
-from cluster import LocalCluster, MlflowServer, session_pids
+from cluster import session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sweeps" / "full_grid.py"
@@ -259,33 +259,27 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_with_token_auth_logs_to_an_mlflow_server(tmp_path):
+def test_ray_job_submit_with_token_auth_logs_to_an_mlflow_server(submitted_sweep):
     """docs/sweeps.md's cluster path: a head with Ray's default token auth, the smoke sweep submitted
-    as a job from the repository (``--working-dir .``), every run in a real MLflow server."""
-    with LocalCluster(tmp_path / "cluster") as cluster, MlflowServer(tmp_path / "mlflow") as uri:
-        # auth is really on: a client without RAY_AUTH_MODE=token is turned away
-        bare = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
-        refused = cluster.ray("job", "list", "--address", cluster.dashboard, env=bare, timeout=120)
-        assert refused.returncode != 0 and "Token authentication is enabled" in refused.stderr
-        out = tmp_path / "job-sweep"
-        job = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
-             cluster.dashboard, "--working-dir", ".", "--runtime-env-json",
-             json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}), "--", "python",
-             "sweeps/full_grid.py", *FAST_SMOKE, "--comparison", "abn", "wae", "impactx_single",
-             "--refresh-every", "3", "--out", str(out)],
-            cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=900)
-        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-        assert "succeeded" in job.stdout and (out / "summary.md").exists()
-        assert not (out / "mlflow.db").exists()  # the server was used, not the embedded store
+    as a job from the repository (``--working-dir .``), every run in a real MLflow server (the
+    session's shared sweep, conftest.py)."""
+    cluster, uri, out, job = (submitted_sweep.cluster, submitted_sweep.uri, submitted_sweep.out,
+                              submitted_sweep.job)
+    # auth is really on: a client without RAY_AUTH_MODE=token is turned away
+    bare = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+    refused = cluster.ray("job", "list", "--address", cluster.dashboard, env=bare, timeout=120)
+    assert refused.returncode != 0 and "Token authentication is enabled" in refused.stderr
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    assert "succeeded" in job.stdout and (out / "summary.md").exists()
+    assert not (out / "mlflow.db").exists()  # the server was used, not the embedded store
 
-        from mlflow import MlflowClient
+    from mlflow import MlflowClient
 
-        client = MlflowClient(uri)
-        (experiment,) = [e for e in client.search_experiments() if e.name.startswith("impactx/")]
-        runs = client.search_runs([experiment.experiment_id], max_results=100)
-        trial = next(r for r in runs if "/stage1/" in r.data.tags["impactx.key"])
-        history = client.get_metric_history(trial.info.run_id, "val_accuracy")
+    client = MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name.startswith("impactx/")]
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    trial = next(r for r in runs if "/stage1/" in r.data.tags["impactx.key"])
+    history = client.get_metric_history(trial.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2, 3]  # one point per epoch
     key = {r.info.run_id: _unprefixed(r.data.tags["impactx.key"]) for r in runs}
     parent = {key[r.info.run_id]: key.get(r.data.tags.get("mlflow.parentRunId")) for r in runs}

@@ -1,0 +1,44 @@
+"""The session's shared cluster and finished sweep (the ``submitted_sweep`` fixture, conftest.py):
+one smoke sweep submitted as a Ray job to a token-auth head, logging to a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from cluster import LocalCluster, MlflowServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--smoke", "--max-evals", "32", "--comparison", "abn", "wae", "impactx_single",
+         "--refresh-every", "3"]
+
+
+class SubmittedSweep:
+    """``with SubmittedSweep(tmp) as s:`` ``s.cluster`` (its ``env`` is a user's shell for it),
+    ``s.uri`` (the MLflow server), ``s.out`` (the sweep's ``--out``) and ``s.job`` (the finished
+    ``ray job submit``, its output). A failed submission is kept in ``s.job`` for the test to show."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.out = root, root / "job-sweep"
+        self._stack = ExitStack()
+
+    def __enter__(self) -> SubmittedSweep:
+        try:
+            self.cluster = self._stack.enter_context(LocalCluster(self.root / "cluster"))
+            self.uri = self._stack.enter_context(MlflowServer(self.root / "mlflow"))
+            self.job = subprocess.run(
+                [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
+                 self.cluster.dashboard, "--working-dir", ".", "--runtime-env-json",
+                 json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": self.uri}}), "--", "python",
+                 "sweeps/full_grid.py", *SMOKE, "--out", str(self.out)],
+                cwd=ROOT, env=self.cluster.env, capture_output=True, text=True, timeout=900)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
