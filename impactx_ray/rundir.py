@@ -68,6 +68,10 @@ class RunDir:
         record_evaluation(self.record, key, result, result.get("morf") if morf else None, self.morf)
         self.record.finish(key)
 
+    def previous_morf(self) -> dict[str, Any] | None:
+        """The MoRF summary an earlier ``evaluate --morf`` left in result.json, if any."""
+        return (read_json(self.result) if self.result.exists() else {}).get("morf")
+
     def save_config(self, cfg: RunConfig) -> None:
         write_json(self.config, cfg.to_dict())
 

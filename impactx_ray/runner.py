@@ -21,7 +21,7 @@ from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, load_dataset
 from impactx_ray.defaults import DEFAULT_REPLACEMENTS, MORF_IMAGES
 from impactx_ray.explain import ExplainSettings, MapStore, load_checkpoint_maps
-from impactx_ray.io import file_sha256, read_json, write_json
+from impactx_ray.io import file_sha256, write_json
 from impactx_ray.methods import BASELINE, METHODS, Method, ModelSpec, TrainInputs, get_method, load_stage1
 from impactx_ray.rundir import RunDir
 from impactx_ray.train import FitHooks, Split, resolve_device
@@ -141,25 +141,23 @@ class Run:
                                   f"(`impactx stage1|stage2 --out {self.dir.root}` with these flags)")
         trained = {m: self.dir.checkpoint(m) for m in METHODS.values()
                    if m is BASELINE or self.dir.checkpoint(m).exists()}
-        accuracies, trained_with, seconds = {}, {}, {}
-        for done in pipeline.evaluate_checkpoints(trained, self.spec, test, self.device):
-            method, meta = done.method, done.meta
-            trained_with[method.name] = meta.get("config")
-            if not method.builds_on_stage1:
-                self.check_chance(method, meta["val_accuracy"])
-            elif method.needs_maps and not self.dir.stale(method):  # a collapsed stage 1?
+        evaluated = pipeline.evaluate_checkpoints(trained, self.spec, test, self.device)
+        for done in evaluated:
+            if not done.method.builds_on_stage1:
+                self.check_chance(done.method, done.meta["val_accuracy"])
+            elif done.method.needs_maps and not self.dir.stale(done.method):  # a collapsed stage 1?
                 self.warn(pipeline.maps.run_store_warning(self.settings, self.dir.map_stores,
                                                           self.dir.checkpoint(BASELINE), train))
-            accuracies.update(done.row())
-            seconds[method.name] = meta["seconds"]
-        previous = read_json(self.dir.result) if self.dir.result.exists() else {}
-        summary = (self._morf(test, morf_images, replacements) if morf  # else an earlier one, kept
-                   else previous.get("morf"))
+        # MoRF now, or an earlier one kept
+        summary = self._morf(test, morf_images, replacements) if morf else self.dir.previous_morf()
         # the core every result shares (pipeline/result.py), then what a run adds
-        result = {**pipeline.result_row(self.cfg, accuracies, summary, self.warnings),
-                  "hyperparameters": self.cfg.to_dict(), "trained_with": trained_with,
+        result = {**pipeline.result_row(self.cfg, {k: v for d in evaluated for k, v in d.row().items()},
+                                        summary, self.warnings),
+                  "hyperparameters": self.cfg.to_dict(),
+                  "trained_with": {d.method.name: d.meta.get("config") for d in evaluated},
                   "num_train": len(train), "num_test": len(test), "device": str(self.device),
-                  "timings_s": self.dir.record_timings(**seconds),
+                  "timings_s": self.dir.record_timings(**{d.method.name: d.meta["seconds"]
+                                                          for d in evaluated}),
                   **({"morf": summary} if summary is not None else {})}
         write_json(self.dir.result, result)
         self.dir.record_evaluation(self.cfg, result, morf)
