@@ -22,19 +22,9 @@ from impactx_ray.data import load_dataset
 from impactx_ray.errors import UserError
 from impactx_ray.explain import explain_batch, explain_true_class, fully_masked
 from impactx_ray.explain.batched import blurred, partition_tree
-from impactx_ray.models import create_backbone
 
 from tolerances import LENET5_LOGIT_ULPS, LOGIT_ULPS, assert_maps_close, logit_scale, sum_atol
-from toys import trained_lenet5_state
-
-
-def _model(name: str, size: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    kwargs = {} if name == "lenet5" else {"input_size": size}
-    model = create_backbone(name, 10, **kwargs)
-    if name == "lenet5":
-        model.load_state_dict(trained_lenet5_state())
-    return model.eval()
+from toys import digits_at, engine_model
 
 
 def _close(model, x, got, ref) -> None:
@@ -48,13 +38,6 @@ def _close(model, x, got, ref) -> None:
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     train, _ = load_dataset("digits")
     return train.float_images(torch.arange(4)), train.labels[:4]
-
-
-def _images(digits, size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = digits
-    if size != x.shape[-1]:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x[:n].contiguous(), y[:n]
 
 
 def _maps(model, x, y, engine: str, **kw) -> np.ndarray:
@@ -79,8 +62,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     ],
 )
 def test_equals_shap(digits, name, size, max_evals, batch_size, n) -> None:
-    model = _model(name, size)
-    x, y = _images(digits, size, n)
+    model = engine_model(name, size)
+    x, y = digits_at(digits, size, n)
     kw = {"max_evals": max_evals, "batch_size": batch_size}
     got, ref = _maps(model, x, y, "batched", **kw), _maps(model, x, y, "shap", **kw)
     assert got.shape == ref.shape == (n, size, size, 3) and got.dtype == np.float32
@@ -96,8 +79,8 @@ def test_float64_replays_shap_exactly(digits, name, size, batch_size) -> None:
     """Without float32 rounding noise the recursion replays shap's: maps equal to ~1e-15 (measured:
     bit-identical), not just 1e-6. (In float32, a timm model's small-batch kernels at batch_size=7
     put the two engines ~7e-7 apart: model rounding, so the odd batch size is checked here.)"""
-    model = _model(name, size).double()
-    x, y = _images(digits, size, 2 if size == 32 else 1)
+    model = engine_model(name, size).double()
+    x, y = digits_at(digits, size, 2 if size == 32 else 1)
     kw = {"max_evals": 1000 if size == 32 else 300, "batch_size": batch_size}
     got, ref = _maps(model, x.double(), y, "batched", **kw), _maps(model, x.double(), y, "shap", **kw)
     assert _rel(got, ref) < 1e-9
@@ -132,8 +115,8 @@ def test_efficiency(digits) -> None:
 
     (mobilenetv2_050: its untrained logits move by 0.08-1.4 when an image is blurred, LeNet-5's
     by 1e-4-2e-3, so the property is checked well above float32 rounding.)"""
-    model = _model("mobilenetv2_050", 32)
-    x, y = _images(digits, 32, 4)
+    model = engine_model("mobilenetv2_050", 32)
+    x, y = digits_at(digits, 32, 4)
     maps = _maps(model, x, y, "batched", max_evals=500, batch_size=50)
     with torch.no_grad():
         gap = model(x)[torch.arange(4), y] - model(fully_masked(x, "blur(8,8)"))[torch.arange(4), y]
@@ -143,8 +126,8 @@ def test_efficiency(digits) -> None:
 
 
 def test_single_image_deterministic_and_batch_independent(digits) -> None:
-    model = _model("lenet5", 32)
-    x, y = _images(digits, 32, 4)
+    model = engine_model("lenet5", 32)
+    x, y = digits_at(digits, 32, 4)
     kw = {"max_evals": 500, "batch_size": 100}
     np.random.seed(123)
     before = np.random.get_state()[1].copy()
@@ -160,8 +143,8 @@ def test_single_image_deterministic_and_batch_independent(digits) -> None:
 
 
 def test_explain_batch_is_explain_true_class(digits) -> None:
-    model = _model("lenet5", 32)
-    x, y = _images(digits, 32, 2)
+    model = engine_model("lenet5", 32)
+    x, y = digits_at(digits, 32, 2)
     kw = {"max_evals": 200, "batch_size": 100, "masker": "blur(8,8)", "seed": 3}
     hwc = x.permute(0, 2, 3, 1).numpy()
     got = explain_batch(model, hwc, y.numpy(), forward_batch=4096, **kw)
@@ -190,6 +173,6 @@ def test_masks_and_blur_are_shaps() -> None:
 @pytest.mark.parametrize(("kwargs", "needle"), [({"engine": "fast"}, "engine='fast'"),
                                                 ({"forward_batch": 0}, "forward_batch=0")])
 def test_bad_settings_raise_user_error(digits, kwargs, needle) -> None:
-    x, y = _images(digits, 32, 1)
+    x, y = digits_at(digits, 32, 1)
     with pytest.raises(UserError, match=needle):
-        explain_true_class(_model("lenet5", 32), x, y, max_evals=20, progress=False, **kwargs)
+        explain_true_class(engine_model("lenet5", 32), x, y, max_evals=20, progress=False, **kwargs)

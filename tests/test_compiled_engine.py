@@ -22,21 +22,12 @@ from impactx_ray.errors import UserError
 from impactx_ray.explain import ExplainSettings, MapStore, compute_store, explain_true_class, fully_masked
 from impactx_ray.explain import forward as fwd
 from impactx_ray.explain.shap_maps import TrueClassExplainer
-from impactx_ray.models import create_backbone
 
 from tolerances import LENET5_LOGIT_ULPS, LOGIT_ULPS, U32, assert_maps_close, logit_scale
-from toys import trained_lenet5_state
+from toys import digits_at, engine_model
 
 needs_compiler = pytest.mark.skipif(fwd.compile_blocker(torch.device("cpu")) is not None,
                                     reason="torch.compile cannot run here")
-
-
-def _model(name: str = "lenet5", size: int = 32) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = create_backbone(name, 10, **({} if name == "lenet5" else {"input_size": size}))
-    if name == "lenet5":  # trained: its maps stand well above its logits' rounding
-        model.load_state_dict(trained_lenet5_state())
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +37,8 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _images(digits, size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    x, y = digits
-    if size != x.shape[-1]:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return np.ascontiguousarray(x[:n].permute(0, 2, 3, 1).numpy()), y[:n].numpy()  # N x H x W x C
+    x, y = digits_at(digits, size, n)
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()), y.numpy()  # N×C×H×W -> N×H×W×C
 
 
 def _close(model, hwc: np.ndarray, got: np.ndarray, ref: np.ndarray) -> None:
@@ -68,7 +57,7 @@ def _explainer(model, hwc, **kw) -> TrueClassExplainer:
 @needs_compiler
 @pytest.mark.parametrize(("size", "max_evals", "forward_batch"), [(32, 400, 64), (96, 200, 64)])
 def test_compiled_maps_equal_shaps(digits, size, max_evals, forward_batch) -> None:
-    model = _model()
+    model = engine_model()
     hwc, y = _images(digits, size, 2)
     kw = {"max_evals": max_evals, "forward_batch": forward_batch}
     compiled = _explainer(model, hwc, engine="batched", compile="on", **kw)
@@ -82,23 +71,23 @@ def test_compiled_maps_equal_shaps(digits, size, max_evals, forward_batch) -> No
 
 def test_auto_compiles_only_calls_that_repay_it(monkeypatch) -> None:
     monkeypatch.setattr(fwd, "compile_blocker", lambda device: None)
-    f = fwd.ModelForward(_model(), torch.device("cpu"), compile="auto")
+    f = fwd.ModelForward(engine_model(), torch.device("cpu"), compile="auto")
     assert not f.select(fwd.AUTO_COMPILE_MIN_IMAGES - 1)
     assert f.select(fwd.AUTO_COMPILE_MIN_IMAGES)  # e.g. a 128-map shard at 2000 evaluations
-    assert not fwd.ModelForward(_model(), torch.device("cpu"), compile="off").select(10**9)
-    assert fwd.ModelForward(_model(), torch.device("cpu"), compile="on").select(1)
+    assert not fwd.ModelForward(engine_model(), torch.device("cpu"), compile="off").select(10**9)
+    assert fwd.ModelForward(engine_model(), torch.device("cpu"), compile="on").select(1)
     # on CUDA, auto keeps fp32 (the shap-exact setting) eager and compiles reduced precision
-    assert not fwd.ModelForward(_model(), torch.device("cuda"), compile="auto").select(10**9)
-    assert fwd.ModelForward(_model(), torch.device("cuda"), compile="auto", precision="bf16").select(10**9)
+    assert not fwd.ModelForward(engine_model(), torch.device("cuda"), compile="auto").select(10**9)
+    assert fwd.ModelForward(engine_model(), torch.device("cuda"), compile="auto", precision="bf16").select(10**9)
     # what a store shard or a single map asks for, through the explainer
-    ex = _explainer(_model(), np.zeros((1, 32, 32, 3), np.float32), engine="batched", max_evals=2000)
+    ex = _explainer(engine_model(), np.zeros((1, 32, 32, 3), np.float32), engine="batched", max_evals=2000)
     assert ex.model_forward.compile_mode == "auto" and 128 * 2000 >= fwd.AUTO_COMPILE_MIN_IMAGES > 2000
 
 
 def test_no_compiler_says_so_once_and_runs_eager(digits, monkeypatch, capfd) -> None:
     monkeypatch.setattr(fwd, "compile_blocker", lambda device: "no C++ compiler found (tried g++; set CXX)")
     monkeypatch.setattr(fwd, "_said", set())
-    model = _model()
+    model = engine_model()
     hwc, y = _images(digits, 32, 1)
     kw = {"engine": "batched", "max_evals": 100}
     eager = _explainer(model, hwc, compile="off", **kw).explain_many(hwc, y)
@@ -120,7 +109,7 @@ def test_failed_compile_says_why_and_runs_eager(digits, monkeypatch, capfd) -> N
     monkeypatch.setattr(fwd, "compile_blocker", lambda device: None)
     monkeypatch.setattr(fwd, "_said", set())
     monkeypatch.setattr(torch, "compile", broken)
-    model = _model()
+    model = engine_model()
     hwc, y = _images(digits, 32, 1)
     kw = {"engine": "batched", "max_evals": 100, "forward_batch": 64}  # 50 masks a step: one padded chunk
     ex = _explainer(model, hwc, compile="on", **kw)
@@ -163,7 +152,7 @@ def test_reduced_precision_changes_maps_a_little(digits) -> None:
 
 
 def test_channels_last_copy_gives_the_same_logits_and_leaves_the_model() -> None:
-    model = _model("mobilenetv2_050", 32)
+    model = engine_model("mobilenetv2_050", 32)
     x = torch.rand(4, 32, 32, 3)
     plain = fwd.ModelForward(model, torch.device("cpu"), channels_last=False)
     cl = fwd.ModelForward(model, torch.device("cpu"), channels_last=True)
@@ -182,7 +171,7 @@ def test_bad_settings_are_one_line_errors(kwargs, needle) -> None:
     with pytest.raises(UserError, match=needle):
         ExplainSettings(**kwargs)
     with pytest.raises(UserError, match=needle):
-        _explainer(_model(), np.zeros((1, 32, 32, 3), np.float32), **kwargs)
+        _explainer(engine_model(), np.zeros((1, 32, 32, 3), np.float32), **kwargs)
     with pytest.raises(UserError, match="--" + needle.split("=")[0]):
         RunConfig(**kwargs)
 
@@ -210,14 +199,14 @@ def test_precision_is_part_of_a_stores_identity_and_compile_is_not(tmp_path, dig
     store = MapStore.create_or_open(tmp_path / "s", meta=meta, num_maps=3, map_shape=hwc)
     assert fp32.matches(store, "ckpt") and not bf16.matches(store, "ckpt")
     with pytest.raises(UserError, match="precision='fp32', not precision='bf16'"):
-        compute_store(store, _model(), x, y, bf16, progress=False)
-    compute_store(store, _model(), x, y, ExplainSettings(max_evals=20, compile="off"), progress=False)
+        compute_store(store, engine_model(), x, y, bf16, progress=False)
+    compute_store(store, engine_model(), x, y, ExplainSettings(max_evals=20, compile="off"), progress=False)
     assert store.missing_shards() == []
 
 
 def test_explain_true_class_takes_precision_and_compile(digits) -> None:
     x, y = digits
     kw = {"max_evals": 40, "progress": False, "masker": "blur(8,8)"}
-    a = explain_true_class(_model(), x[:1], y[:1], compile="off", **kw)
-    b = explain_true_class(_model(), x[:1], y[:1], compile="auto", precision="fp32", **kw)
+    a = explain_true_class(engine_model(), x[:1], y[:1], compile="off", **kw)
+    b = explain_true_class(engine_model(), x[:1], y[:1], compile="auto", precision="fp32", **kw)
     assert np.array_equal(a, b)  # auto does not compile a 40-evaluation map

@@ -52,3 +52,24 @@ def trained_lenet5_state() -> dict[str, torch.Tensor]:
         torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     return model.state_dict()
+
+
+def engine_model(name: str = "lenet5", size: int = 32) -> nn.Module:
+    """The map-engine tests' model, in eval mode: LeNet-5 trained one epoch on digits (its maps
+    stand well above its logits' rounding), or a timm model at input ``size``, seeded."""
+    from impactx_ray.models import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone(name, 10, **({} if name == "lenet5" else {"input_size": size}))
+    if name == "lenet5":
+        model.load_state_dict(trained_lenet5_state())
+    return model.eval()
+
+
+def digits_at(digits: tuple[torch.Tensor, torch.Tensor], size: int, n: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` of (N×3×32×32 images, labels) ``digits``, resized to ``size``×``size``."""
+    x, y = digits
+    if size != x.shape[-1]:
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x[:n].contiguous(), y[:n]
