@@ -99,35 +99,85 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
     return None
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the store at ``path``, checked whole; UserError naming what is wrong."""
+    mpath = path / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"no map store at {path} ({MANIFEST} missing); create it with MapStore.create_or_open"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"map store manifest {mpath} is unreadable ({e}); delete the directory and recompute"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{mpath} is not a {FORMAT} manifest (a JSON {type(manifest).__name__}); "
+                        "delete the directory and recompute")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{mpath} is not a version-{FORMAT_VERSION} {FORMAT} manifest "
+            f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
+        )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise UserError(f"map store manifest {mpath} is damaged: {problem}; delete the "
+                        "directory and recompute its maps")
+    return manifest
+
+
+def new_manifest(meta: dict[str, Any], num_maps: int, map_shape: Sequence[int],
+                 shard_size: int) -> dict[str, Any]:
+    """The manifest of a new store of ``num_maps`` maps of ``map_shape`` in shards of
+    ``shard_size``; UserError on a bad value."""
+    if not is_int(num_maps, 1):
+        raise UserError(f"num_maps={num_maps!r} is invalid; a map store needs at least one map")
+    if not is_int(shard_size, 1):
+        raise UserError(f"shard_size={shard_size!r} is invalid; use an int >= 1 (default {DEFAULT_SHARD_SIZE})")
+    shape = [int(s) for s in map_shape]
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserError(f"map_shape={tuple(map_shape)} is invalid; use (H, W, C) with positive sizes")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "store_id": uuid.uuid4().hex,
+        "meta": _normalize_meta(meta),
+        "num_maps": num_maps,
+        "map_shape": shape,
+        "dtype": "float32",
+        "shard_size": shard_size,
+        "shards": [
+            {"index": i, "file": f"shard-{i:05d}.npy", "start": s, "stop": min(s + shard_size, num_maps)}
+            for i, s in enumerate(range(0, num_maps, shard_size))
+        ],
+    }
+
+
+def check_same(path: Path, have: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """UserError when the store at ``path`` (manifest ``have``) is not the one ``wanted``
+    describes: other settings (meta) or another size."""
+    for key in sorted(set(have["meta"]) | set(wanted["meta"])):
+        a, b = have["meta"].get(key), wanted["meta"].get(key)
+        if a != b:
+            raise UserError(
+                f"map store {path} was made with {key}={a!r}, not {key}={b!r}; "
+                "use another directory (existing maps are never overwritten)"
+            )
+    for key in ("num_maps", "map_shape", "shard_size"):
+        if have[key] != wanted[key]:
+            raise UserError(
+                f"map store {path} has {key}={have[key]!r}, not {wanted[key]!r}; use another directory"
+            )
+
+
 class MapStore:
     """A directory of map shards; see the module docstring for the layout and why."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Open an existing store (never creates one)."""
         self.path = Path(path)
-        mpath = self.path / MANIFEST
-        try:
-            manifest = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise UserError(
-                f"no map store at {self.path} ({MANIFEST} missing); create it with MapStore.create_or_open"
-            ) from None
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"map store manifest {mpath} is unreadable ({e}); delete the directory and recompute"
-            ) from None
-        if not isinstance(manifest, dict):
-            raise UserError(f"{mpath} is not a {FORMAT} manifest (a JSON {type(manifest).__name__}); "
-                            "delete the directory and recompute")
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(
-                f"{mpath} is not a version-{FORMAT_VERSION} {FORMAT} manifest "
-                f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
-            )
-        problem = _manifest_problem(manifest)
-        if problem:
-            raise UserError(f"map store manifest {mpath} is damaged: {problem}; delete the "
-                            "directory and recompute its maps")
+        manifest = read_manifest(self.path)
         self.manifest: dict[str, Any] = manifest
         self.meta: dict[str, Any] = manifest["meta"]
         self.num_maps: int = manifest["num_maps"]
@@ -147,50 +197,14 @@ class MapStore:
     ) -> MapStore:
         """Open the store at ``path`` if it matches, create it if absent; UserError on any mismatch."""
         path = Path(path)
-        if not is_int(num_maps, 1):
-            raise UserError(f"num_maps={num_maps!r} is invalid; a map store needs at least one map")
-        if not is_int(shard_size, 1):
-            raise UserError(f"shard_size={shard_size!r} is invalid; use an int >= 1 (default {DEFAULT_SHARD_SIZE})")
-        shape = [int(s) for s in map_shape]
-        if len(shape) != 3 or min(shape) < 1:
-            raise UserError(f"map_shape={tuple(map_shape)} is invalid; use (H, W, C) with positive sizes")
-        starts = range(0, num_maps, shard_size)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "store_id": uuid.uuid4().hex,
-            "meta": _normalize_meta(meta),
-            "num_maps": num_maps,
-            "map_shape": shape,
-            "dtype": "float32",
-            "shard_size": shard_size,
-            "shards": [
-                {"index": i, "file": f"shard-{i:05d}.npy", "start": s, "stop": min(s + shard_size, num_maps)}
-                for i, s in enumerate(starts)
-            ],
-        }
+        manifest = new_manifest(meta, num_maps, map_shape, shard_size)
         path.mkdir(parents=True, exist_ok=True)
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        if not write_bytes(path / MANIFEST, data, exclusive=True):
+        if not write_bytes(path / MANIFEST, data, exclusive=True):  # one is there already
             store = cls(path)
-            store._check_same(manifest)
+            check_same(path, store.manifest, manifest)
             return store
         return cls(path)
-
-    def _check_same(self, wanted: dict[str, Any]) -> None:
-        have = self.manifest
-        for key in sorted(set(have["meta"]) | set(wanted["meta"])):
-            a, b = have["meta"].get(key), wanted["meta"].get(key)
-            if a != b:
-                raise UserError(
-                    f"map store {self.path} was made with {key}={a!r}, not {key}={b!r}; "
-                    "use another directory (existing maps are never overwritten)"
-                )
-        for key in ("num_maps", "map_shape", "shard_size"):
-            if have[key] != wanted[key]:
-                raise UserError(
-                    f"map store {self.path} has {key}={have[key]!r}, not {wanted[key]!r}; use another directory"
-                )
 
     def shard_range(self, i: int) -> tuple[int, int]:
         """Sample indices [start, stop) of shard ``i``."""
