@@ -74,7 +74,7 @@ class Run:
         done = pipeline.stage1_maps(checkpoint or self.dir.checkpoint(BASELINE), self.spec,
                                     self.data[0], self.settings, self.dir.map_stores, device=self.device,
                                     workers=self.workers, gpus_per_worker=self.gpus_per_worker,
-                                    progress=self.progress)
+                                    worker_device=self.cfg.device, progress=self.progress)
         if done.computed:
             self.dir.record_timings(**done.timings())
         self.say(done.summary())

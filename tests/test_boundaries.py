@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1] / "impactx_ray"
 # What each top-level part of the package may import from the package (besides itself), bottom up:
 # defaults, errors, io, lock → data → models → config → train, explain → eval, checks → methods
 # → pipeline → rundir, report → runner → sweep → cli.
-BASE = {"defaults", "errors", "io"}
+BASE = {"defaults", "devices", "errors", "io"}
 ALLOWED = {
     "defaults": set(),
+    "devices": {"errors"},
     "errors": set(),
     "io": {"errors"},
     "data": BASE,

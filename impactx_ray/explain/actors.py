@@ -38,6 +38,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from tqdm.auto import tqdm
 
+from impactx_ray.devices import worker_device
 from impactx_ray.errors import UserError, is_int
 from impactx_ray.explain.compute import check_fits, check_settings
 from impactx_ray.explain.settings import ExplainSettings
@@ -56,6 +57,28 @@ def init_ray() -> None:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
 
 
+def ray_device(requested: str, what: str) -> torch.device:
+    """The torch device of ``what`` (a trial, a map worker, the MoRF task) running in a Ray
+    worker: ``devices.worker_device`` with the GPUs Ray gave this worker, and its node named in
+    the one-line error when it holds a GPU that torch cannot use."""
+    import socket
+
+    node = ray.get_runtime_context().get_node_id()
+    return worker_device(requested, ray.get_gpu_ids(),
+                         f"{what} on node {socket.gethostname()} ({node[:12]})")
+
+
+def init_user_error(err: BaseException) -> str | None:
+    """The one-line ``UserError`` a worker's ``__init__`` raised (a GPU torch cannot use, say),
+    read back from the actor-death message Ray hands the driver; None for any other death."""
+    if getattr(err, "actor_init_failed", False):
+        prefix = f"{UserError.__module__}.{UserError.__name__}: "
+        for line in str(err).splitlines():
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+    return None
+
+
 def default_gpus_per_worker() -> float:
     """One GPU per worker when the cluster has GPUs (the driver's machine may have none)."""
     init_ray()
@@ -66,10 +89,10 @@ class MapWorker:
     """One Ray actor: a model loaded once and a reusable shap explainer; computes whole shards."""
 
     def __init__(self, build_model: ModelBuilder, explainer_kwargs: dict[str, Any],
-                 torch_threads: int = 1) -> None:
+                 torch_threads: int = 1, device: str = "auto") -> None:
         torch.set_num_threads(torch_threads)  # parallelism comes from actors, not intra-op threads
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = build_model().to(device).eval()
+        # the GPU Ray gave this actor, or the device asked for; never a GPU it was not given
+        self.model = build_model().to(ray_device(device, "a SHAP map worker")).eval()
         self.explainer_kwargs = explainer_kwargs
         self.images: np.ndarray | None = None
         self.labels: np.ndarray | None = None
@@ -134,6 +157,8 @@ class MapPool:
     Create it once (workers load the checkpoint and receive the images once), then ``compute``
     any number of stores over the same images; ``close`` (or ``with``) releases the actors.
     Never more workers than the cluster can place: more are clamped, with a message (``log``).
+    ``device`` is ``--device``: ``auto`` runs a worker on the GPU Ray gave it (and stops it with
+    one line if torch cannot use that GPU), ``cpu`` on its CPU even on a GPU node.
     """
 
     #: consecutive ``ActorUnavailableError`` s of one shard before its worker counts as gone
@@ -143,7 +168,7 @@ class MapPool:
                  labels: torch.Tensor | np.ndarray | Sequence[int], settings: ExplainSettings, *,
                  workers: int, forward_batch: int | None = None,
                  gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
-                 torch_threads: int = 1, max_restarts: int = 3,
+                 torch_threads: int = 1, max_restarts: int = 3, device: str = "auto",
                  log: Callable[[str], None] = _stderr, watchdog_s: float = 60.0) -> None:
         if not is_int(workers, 1):
             raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
@@ -169,7 +194,7 @@ class MapPool:
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts,
             max_task_retries=max_restarts)
         self.actors = [actor_cls.remote(build_model, {**self.explainer_kwargs, "forward_batch": forward_batch},
-                                         torch_threads)
+                                         torch_threads, device)
                        for _ in range(workers)]
         self.ready: list[Any] = []  # actors that finished warm_up: only they are handed shards
 
@@ -252,6 +277,9 @@ class _Dispatch:
         """A worker gone for good: its shards go back to the queue for the others."""
         self.pool.ready = [a for a in self.pool.ready if a is not actor]
         if not self.pool.ready and not self.warming:
+            refused = init_user_error(err)
+            if refused:  # the workers refused to start (a GPU torch cannot use): the user's to fix
+                raise UserError(refused) from None
             cause = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise RuntimeError(f"every map worker died (last: {cause}); finished shards are "
                                "kept, rerun to resume") from err

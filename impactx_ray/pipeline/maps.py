@@ -69,9 +69,11 @@ def run_store_warning(settings: ExplainSettings, root: Path, checkpoint: Path,
 
 def stage1_maps(checkpoint: Path, spec: ModelSpec, train: ImageData, settings: ExplainSettings,
                 root: Path, *, device: torch.device, workers: int | None = None,
-                gpus_per_worker: float | None = None, progress: bool = True) -> MapsDone:
+                gpus_per_worker: float | None = None, worker_device: str = "auto",
+                progress: bool = True) -> MapsDone:
     """Open (or find again) the store of ``checkpoint``'s maps of ``train`` under ``root`` and
-    compute its missing shards: in this process, or on ``workers`` Ray map workers.
+    compute its missing shards: in this process (on ``device``), or on ``workers`` Ray map
+    workers (``worker_device``: the ``--device`` asked for, which each worker resolves on its node).
 
     Before anything is written: the checkpoint loads as a stage-1 model of ``spec`` and one
     image's masks fit the map engine's budget. A store already complete computes nothing.
@@ -90,7 +92,7 @@ def stage1_maps(checkpoint: Path, spec: ModelSpec, train: ImageData, settings: E
 
         compute_store_ray(store, partial(load_stage1, checkpoint, spec), train.float_images(),
                           train.labels, settings, workers=workers,
-                          gpus_per_worker=gpus_per_worker, progress=progress)
+                          gpus_per_worker=gpus_per_worker, device=worker_device, progress=progress)
     seconds = time.perf_counter() - start if todo else 0.0
     warning = store_warning(store)
     return MapsDone(store, todo, seconds, [warning] if warning else [])

@@ -18,11 +18,12 @@ def morf_task(out: str, cfg: dict[str, Any], test: ImageData, impactx_ckpt: Path
               replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS) -> dict[str, Any]:
     """``pipeline.compare_maps`` of the cell's IMPACTX and ABN winners on ``n`` test images,
     written to ``out``; returns ``morf.json``'s summary."""
-    from impactx_ray.train import resolve_device
+    from impactx_ray.explain.actors import ray_device
 
     checkpoints = {"impactx": Path(impactx_ckpt)}
     if abn_ckpt is not None:
         checkpoints["abn"] = Path(abn_ckpt)
     return compare_maps(Path(out), RunConfig.from_dict(cfg), test, checkpoints, n=n,
-                        replacements=tuple(replacements), device=resolve_device("auto"),
+                        replacements=tuple(replacements),
+                        device=ray_device(cfg.get("device", "auto"), "the MoRF task"),
                         progress=False)

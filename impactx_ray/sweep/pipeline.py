@@ -52,7 +52,8 @@ def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Pat
     workers = opts.map_workers or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1)))
     return stage1_maps(checkpoint, ModelSpec.of(cfg, train), train, ExplainSettings.from_config(cfg),
                        opts.out / "cells" / cell.name / "maps", device=torch.device("cpu"),
-                       workers=workers, gpus_per_worker=gpus, progress=True)
+                       workers=workers, gpus_per_worker=gpus, worker_device=cfg.device,
+                       progress=True)
 
 
 def log_winner(tracker: Tracker, stage_run: str, params: dict, metrics: dict, model: Any) -> None:

@@ -21,10 +21,11 @@ from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, load_dataset
 from impactx_ray.defaults import CHECKPOINT_FILE, SELECTION_METRIC
 from impactx_ray.explain import load_maps
+from impactx_ray.explain.actors import ray_device
 from impactx_ray.io import write_json
 from impactx_ray.methods import TrainInputs, get_method, train_method
 from impactx_ray.sweep.search import INDEX_KEY
-from impactx_ray.train import FitHooks, Split, StageResult, accuracy, resolve_device
+from impactx_ray.train import FitHooks, Split, StageResult, accuracy
 from impactx_ray.train.checkpoint import save_checkpoint
 
 # Trial config entries that are not RunConfig fields.
@@ -84,7 +85,7 @@ def method_trainable(config: dict[str, Any],
     once per node; without it the trial loads the dataset from ``data_root`` itself."""
     cfg, method = run_config(config), get_method(config[METHOD])
     torch.set_num_threads(max(1, int(config.get(CPUS, 1))))
-    device = resolve_device(cfg.device)
+    device = ray_device(cfg.device, f"trial {tune.get_context().get_trial_id()} ({method.name})")
     train, test = data or load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
     split = Split.of(train, cfg.val_fraction, cfg.seed)
     resume = _last_state()

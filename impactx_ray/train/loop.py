@@ -18,16 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from impactx_ray.data import ImageData, train_val_split
-from impactx_ray.errors import UserError
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks the GPU when there is one; an explicit ``cuda`` without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+from impactx_ray.devices import resolve_device  # noqa: F401 (train's public name, devices.py's rule)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -160,7 +151,7 @@ def fit(plan: TrainPlan, split: Split, *, batch_size: int, generator: torch.Gene
     the plan's extra state); ``hooks.resume`` with such a state goes on from the epoch after it,
     as if never interrupted.
     """
-    model, train, epochs, resume = plan.model, split.data, plan.epochs, hooks.resume
+    model, data, epochs, resume = plan.model, split.data, plan.epochs, hooks.resume
     optimizer = torch.optim.Adam(plan.params, lr=plan.lr)
     best_state, best_acc, best_epoch, history, done, spent = None, -1.0, 0, [], 0, 0.0
     if resume is not None:
@@ -181,7 +172,7 @@ def fit(plan: TrainPlan, split: Split, *, batch_size: int, generator: torch.Gene
                    desc=f"{plan.label} epoch {epoch}/{epochs}", leave=False,
                    disable=not hooks.progress)
         for idx in bar:
-            x, y = train.float_images(idx).to(device), train.labels[idx].to(device)
+            x, y = data.float_images(idx).to(device), data.labels[idx].to(device)
             loss, parts = plan.step(model, x, y, idx)
             check_finite(loss, epoch)
             optimizer.zero_grad(set_to_none=True)
@@ -192,7 +183,7 @@ def fit(plan: TrainPlan, split: Split, *, batch_size: int, generator: torch.Gene
             seen += len(idx)
             bar.set_postfix({k: f"{v / seen:.4f}" for k, v in sums.items()}, refresh=False)
         row = {"epoch": epoch, **{f"train_{k}": v / seen for k, v in sums.items()},
-               "val_accuracy": accuracy(model, train, device=device, indices=split.val_idx)}
+               "val_accuracy": accuracy(model, data, device=device, indices=split.val_idx)}
         if plan.validate is not None:
             row.update(plan.validate(model, epoch))
         history.append(row)
