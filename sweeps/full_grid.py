@@ -110,6 +110,26 @@ def check_out_outlives_the_job(out: Path) -> None:
                         "multi-node cluster)")
 
 
+def check_data_outlives_the_job(data_root: str | None, datasets: list[str]) -> None:
+    """In a Ray job a relative data path resolves inside the job's temporary working directory:
+    refused (like a relative ``--out``) for every dataset read from files. Only the driver reads
+    it: trials, map workers and the MoRF task get the cell's data from the driver through Ray's
+    object store, so it need not be on shared storage."""
+    if not os.environ.get(JOB_ENV_VAR):
+        return
+    root = data_root or "./data"  # RunConfig's default
+    reads_root = any(d != "digits" and not d.startswith("imagefolder:") for d in datasets)
+    paths = [("--data-root", root)] if reads_root else []
+    paths += [("--datasets", d) for d in datasets if d.startswith("imagefolder:")]
+    for flag, path in paths:
+        if Path(path.removeprefix("imagefolder:")).is_absolute():
+            continue
+        raise UserError(f"{flag} {path} is relative, and this runs as a Ray job: it would resolve "
+                        f"in the job's temporary working directory ({Path.cwd()}); pass an "
+                        "absolute path the driver's node can read (trials and map workers get the "
+                        "data from the driver through Ray's object store, never from this path)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
@@ -117,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         models = args.models or (SMOKE["models"] if args.smoke else list(PAPER_MODELS))
         datasets = args.datasets or (SMOKE["datasets"] if args.smoke else list(PAPER_DATASETS))
         cell_list = cells(tuple(models), tuple(datasets))
+        check_data_outlives_the_job(getattr(args, "data_root", None), list(datasets))
         args.search_spec = SearchSpec(args.search, args.scheduler, args.num_samples,
                                       args.max_concurrent, args.grace_period,
                                       args.reduction_factor, getattr(args, "seed", None) or 0)

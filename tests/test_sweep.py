@@ -130,6 +130,26 @@ def test_relative_out_in_a_ray_job_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--datasets", "cifar10"], "--data-root ./data"),
+    (["--datasets", "cifar10", "--data-root", "data"], "--data-root data"),
+    (["--datasets", "imagefolder:pets"], "--datasets imagefolder:pets")])
+def test_relative_data_in_a_ray_job_is_refused(tmp_path, argv, flag):
+    """Only the driver reads the data (trials get it through the object store), but in a job a
+    relative path resolves in Ray's temporary copy of --working-dir; digits reads no path."""
+    env = {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}
+    run = [sys.executable, str(SCRIPT), "--smoke", "--dry-run", "--out", str(tmp_path / "s")]
+    proc = subprocess.run(run + argv, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"full_grid.py: error: {flag} is relative, and this runs as a Ray job")
+    ok = subprocess.run(run + ["--datasets", "cifar10", "--data-root", str(tmp_path / "data")],
+                        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert "is relative" not in ok.stderr  # absolute: the dry run goes on (to say the data is missing)
+    digits = subprocess.run(run, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert digits.returncode == 0, digits.stderr
+
+
 def test_summary_files(tmp_path):
     rows = [{"model": "lenet5", "dataset": "digits", "baseline_test_accuracy": 0.95,
              "impactx_test_accuracy": 0.9583, "batch_size": 32, "lr": 0.0026,

@@ -18,7 +18,7 @@ import torch
 from ray import tune
 
 from impactx_ray.config import RunConfig
-from impactx_ray.data import ImageData, load_dataset
+from impactx_ray.data import ImageData
 from impactx_ray.defaults import CHECKPOINT_FILE, SELECTION_METRIC
 from impactx_ray.explain import load_maps
 from impactx_ray.explain.actors import ray_device
@@ -81,12 +81,16 @@ def _final_report(result: StageResult, test_accuracy: float, meta: dict[str, Any
 def method_trainable(config: dict[str, Any],
                      data: tuple[ImageData, ImageData] | None = None) -> None:
     """Train ``config["method"]`` with the trial's hyperparameters; report per epoch and at the
-    end. ``data`` (train, test) comes from the object store (``tune.with_parameters``), read
-    once per node; without it the trial loads the dataset from ``data_root`` itself."""
+    end. ``data`` (train, test) comes from the driver through the object store
+    (``tune.with_parameters``), read once per node: a trial never reads ``data_root``, which need
+    not exist on its node."""
+    if data is None:
+        raise ValueError("a trial takes the cell's data from the driver: "
+                         "tune.with_parameters(trainable, data=(train, test))")
     cfg, method = run_config(config), get_method(config[METHOD])
     torch.set_num_threads(max(1, int(config.get(CPUS, 1))))
     device = ray_device(cfg.device, f"trial {tune.get_context().get_trial_id()} ({method.name})")
-    train, test = data or load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
+    train, test = data
     split = Split.of(train, cfg.val_fraction, cfg.seed)
     resume = _last_state()
     if resume is not None:
