@@ -103,6 +103,10 @@ def test_two_workers_equal_one_process_despite_a_killed_worker(ray_local, inputs
     maps = load_maps(store.path)
     assert maps.shape == (N, 32, 32, 3)
     close(maps, reference, inputs)
+    # each shard's sidecar says where it was made: this node, a worker process (not the driver)
+    made_by = [store.shard_info(i)["made_by"] for i in range(store.num_shards)]
+    assert {m["node_id"] for m in made_by} == {ray_local.get_runtime_context().get_node_id()}
+    assert {m["pid"] for m in made_by} <= {int(p.stem) for p in pid_dir.glob("*.pid")}
 
 
 def test_interrupted_run_resumes_without_recomputing(ray_local, inputs, reference, tmp_path):

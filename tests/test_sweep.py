@@ -316,6 +316,12 @@ def test_ray_job_submit_with_token_auth_logs_to_an_mlflow_server(submitted_sweep
         assert name in cell.data.metrics, name
     summary = (out / "summary.md").read_text()
     assert "MoRF, LeRF and SRG [95% CI over images]" in summary and "sanity checks" in summary
+    # every trial's run names the Ray node it ran on, as every map shard's sidecar does
+    nodes = {r.data.tags.get("impactx.node_id") for r in trials}
+    assert len(nodes) == 1 and all(n and len(n) == 56 for n in nodes), nodes  # a one-node cluster
+    (store,) = (out / "cells" / "lenet5-digits" / "maps").iterdir()
+    sidecars = [json.loads(p.read_text()) for p in store.glob("shard-*.json")]
+    assert sidecars and {s["made_by"]["node_id"] for s in sidecars} == nodes
     for r in trials:  # trial → stage → cell → sweep
         stage = parent[key[r.info.run_id]]
         assert stage == key[r.info.run_id].rsplit("/", 1)[0]

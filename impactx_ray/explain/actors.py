@@ -57,15 +57,21 @@ def init_ray() -> None:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
 
 
+def here() -> dict[str, Any]:
+    """Where this Ray worker runs: its node id, host and pid (recorded beside what it made)."""
+    import socket
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "pid": os.getpid()}
+
+
 def ray_device(requested: str, what: str) -> torch.device:
     """The torch device of ``what`` (a trial, a map worker, the MoRF task) running in a Ray
     worker: ``devices.worker_device`` with the GPUs Ray gave this worker, and its node named in
     the one-line error when it holds a GPU that torch cannot use."""
-    import socket
-
-    node = ray.get_runtime_context().get_node_id()
+    where = here()
     return worker_device(requested, ray.get_gpu_ids(),
-                         f"{what} on node {socket.gethostname()} ({node[:12]})")
+                         f"{what} on node {where['host']} ({where['node_id'][:12]})")
 
 
 def init_user_error(err: BaseException) -> str | None:
@@ -118,10 +124,12 @@ class MapWorker:
         return os.getpid()
 
     def explain_shard(self, shard: int, start: int, stop: int,
-                      data_refs: list[ray.ObjectRef]) -> tuple[int, np.ndarray]:
-        """Maps of samples [start, stop), returned with their shard index."""
+                      data_refs: list[ray.ObjectRef]) -> tuple[int, np.ndarray, dict[str, Any]]:
+        """Maps of samples [start, stop), returned with their shard index and where they were
+        made (the shard's sidecar records it)."""
         self._data(data_refs)
-        return shard, self.explainer.explain_many(self.images[start:stop], self.labels[start:stop])
+        maps = self.explainer.explain_many(self.images[start:stop], self.labels[start:stop])
+        return shard, maps, here()
 
 
 def _stderr(message: str) -> None:
@@ -244,8 +252,8 @@ class MapPool:
         total = sum(b - a for a, b in map(store.shard_range, missing))
         with tqdm(total=total, unit="map", desc=f"SHAP maps ({len(self.actors)} workers)",
                   disable=not progress or not missing, dynamic_ncols=True) as bar:
-            for shard, maps in run:
-                store.write_shard(shard, maps)
+            for shard, maps, made_by in run:
+                store.write_shard(shard, maps, made_by)
                 bar.update(len(maps))
                 if on_shard is not None:
                     on_shard(shard)
@@ -253,8 +261,9 @@ class MapPool:
 
 
 class _Dispatch:
-    """One ``MapPool.compute``: hands shards to ready workers and yields (shard, maps) as they
-    finish; warms up the workers not yet ready; retries transient errors; reports stalls."""
+    """One ``MapPool.compute``: hands shards to ready workers and yields (shard, maps, where
+    made) as they finish; warms up the workers not yet ready; retries transient errors; reports
+    stalls."""
 
     def __init__(self, pool: MapPool, store: MapStore, queue: deque[int]) -> None:
         self.pool, self.store, self.queue = pool, store, queue
@@ -307,7 +316,7 @@ class _Dispatch:
                 continue
             actor, i = self.in_flight.pop(ref)
             try:
-                shard, maps = ray.get(ref)
+                shard, maps, made_by = ray.get(ref)
             except ActorUnavailableError as err:
                 # Transient by Ray's definition (a restart, a network blip): retry the shard on
                 # the same worker, and only give the worker up when it stays unavailable.
@@ -329,7 +338,7 @@ class _Dispatch:
                 continue
             self.unavailable.pop(i, None)
             last = time.monotonic()
-            yield shard, maps
+            yield shard, maps, made_by
             self.refill()
         if self.queue:  # cannot happen while a worker is left; never report success without maps
             raise RuntimeError(f"{len(self.queue)} map shards were not computed; rerun to resume")

@@ -250,8 +250,9 @@ class MapStore:
     def is_complete(self, verify: bool = True) -> bool:
         return not self.missing_shards(verify)
 
-    def write_shard(self, i: int, maps: np.ndarray) -> None:
-        """Write shard ``i`` atomically: .npy first, then its sidecar (the commit record)."""
+    def write_shard(self, i: int, maps: np.ndarray, made_by: dict[str, Any] | None = None) -> None:
+        """Write shard ``i`` atomically: .npy first, then its sidecar (the commit record), which
+        also says where the maps were computed (``made_by``: node, host, pid) when given."""
         start, stop = self.shard_range(i)
         want = (stop - start, *self.map_shape)
         if not isinstance(maps, np.ndarray) or maps.dtype != np.float32 or maps.shape != want:
@@ -272,6 +273,7 @@ class MapStore:
             "dtype": "float32",
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
+            **({"made_by": made_by} if made_by else {}),
         }
         write_bytes(self._sidecar(i), json.dumps(info, indent=1, sort_keys=True).encode())
 

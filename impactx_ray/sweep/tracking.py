@@ -27,6 +27,7 @@ from impactx_ray.sweep.search import stopped_early
 EXPERIMENT = "impactx"
 KEY_TAG = "impactx.key"
 EARLY_STOPPED_TAG = "impactx.early_stopped"  # "true" on trials the scheduler stopped
+NODE_TAG = "impactx.node_id"  # the Ray node a trial ran on
 # MLflow 3 opens an experiment of this kind in its model-training view (not the GenAI one).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # What trials report besides Tune's own bookkeeping (timestamps, pids, iteration counters).
@@ -170,6 +171,7 @@ class MLflowTrialLogger(tune.Callback):
         # A sampled search (Optuna) can draw one point twice: its trials are told apart by id.
         self.sampled = sampled
         self.runs: dict[str, str] = {}
+        self.placed: dict[str, str] = {}  # trial id -> the node its run is tagged with
 
     def trial_key(self, config: dict[str, Any], trial_id: str = "") -> str:
         point = ",".join(f"{k}={config[k]}" for k in self.param_keys)
@@ -193,7 +195,12 @@ class MLflowTrialLogger(tune.Callback):
                         **info: Any) -> None:
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         ours = {k: v for k, v in result.items() if k.startswith(METRIC_PREFIXES)}
-        self.tracker.metrics(self._run(trial), ours, step=step)
+        key = self._run(trial)
+        self.tracker.metrics(key, ours, step=step)
+        node = result.get("node_id")
+        if node and self.placed.get(trial.trial_id) != node:  # where it runs (a retry: the new node)
+            self.tracker.tags(key, {NODE_TAG: node, "impactx.host": result.get("hostname", "-")})
+            self.placed[trial.trial_id] = node
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         key = self._run(trial)
@@ -213,4 +220,7 @@ class MLflowTrialLogger(tune.Callback):
         self.tracker.finish(key, ok=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "runs": {}}
+        return {**self.__dict__, "runs": {}, "placed": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"placed": {}, **state})  # loggers pickled by earlier versions

@@ -21,7 +21,7 @@ from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData
 from impactx_ray.defaults import CHECKPOINT_FILE, SELECTION_METRIC
 from impactx_ray.explain import load_maps
-from impactx_ray.explain.actors import ray_device
+from impactx_ray.explain.actors import here, ray_device
 from impactx_ray.io import write_json
 from impactx_ray.methods import TrainInputs, get_method, train_method
 from impactx_ray.sweep.search import INDEX_KEY
@@ -42,6 +42,7 @@ def run_config(config: dict[str, Any]) -> RunConfig:
 
 
 RESUME_FILE = "resume.pt"
+NODE_KEY = "node_id"  # every report says which Ray node the trial ran on (MLflow tags it)
 
 
 def _report_with_state(epochs: int):
@@ -51,7 +52,8 @@ def _report_with_state(epochs: int):
     def on_state(state: dict[str, Any]) -> None:
         if state["epoch"] >= epochs:
             return
-        metrics = {**state["history"][-1], SELECTION_METRIC: state["best_val_accuracy"]}
+        metrics = {**state["history"][-1], SELECTION_METRIC: state["best_val_accuracy"],
+                   NODE_KEY: here()["node_id"]}
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / RESUME_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -71,7 +73,7 @@ def _last_state() -> dict[str, Any] | None:
 def _final_report(result: StageResult, test_accuracy: float, meta: dict[str, Any]) -> None:
     metrics = {**result.history[-1], SELECTION_METRIC: result.best_val_accuracy,
                "best_epoch": result.best_epoch, "test_accuracy": test_accuracy,
-               "train_seconds": result.seconds}
+               "train_seconds": result.seconds, NODE_KEY: here()["node_id"]}
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / CHECKPOINT_FILE, result.model.state_dict(), meta)
         write_json(Path(tmp) / "history.json", result.history)
