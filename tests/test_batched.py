@@ -4,7 +4,7 @@ Reference maps come from ``explain_true_class(..., engine="shap")``: shap's own 
 image at a time under the per-image seed. In float32 the two differ only by the model's rounding
 across batch sizes (shap evaluates f(x) and f(blurred x) one image at a time, and some CPU kernels
 round a batch of 1 or 8 differently from a batch of 100): ``tolerances.owen_map_atol`` bounds that
-from the logits' scale (the worst of 10 seeds × 1 and 2 threads came to 4.4e-5 of the bound). In
+from the logits' scale (the worst of 10 seeds × 1 and 2 threads came to 3.5e-5 of the bound). In
 float64 that rounding vanishes and the maps are bit-identical, which shows the recursion itself is
 replayed exactly. ``test_ties_follow_shaps_seeded_tie_breaking`` uses a
 model whose output is exactly 0 for most maskings, so queue priorities tie and shap's random

@@ -55,7 +55,7 @@ def _explainer(model, hwc, **kw) -> TrueClassExplainer:
 
 
 @needs_compiler
-@pytest.mark.parametrize(("size", "max_evals", "forward_batch"), [(32, 400, 64), (96, 200, 64)])
+@pytest.mark.parametrize(("size", "max_evals", "forward_batch"), [(32, 400, 64), (96, 1000, 64)])
 def test_compiled_maps_equal_shaps(digits, size, max_evals, forward_batch) -> None:
     model = engine_model()
     hwc, y = _images(digits, size, 2)
