@@ -28,7 +28,7 @@ def cuda_problem() -> str:
         return f"torch {torch.__version__} is a CPU-only build"
     try:
         torch.cuda.init()
-    except Exception as e:  # noqa: BLE001 -- any reason torch gives is the one to show
+    except Exception as e:  # any reason torch gives is the one to show
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"torch {torch.__version__} built for CUDA {build} (needs an NVIDIA driver for CUDA {build}): {reason}"
     return f"torch {torch.__version__} built for CUDA {build} sees {torch.cuda.device_count()} devices"

@@ -2,8 +2,9 @@
 no MLflow, nothing from ``explain``: maps arrive as arrays, the single-stage explainer as a
 function)."""
 
+from impactx_ray.devices import resolve_device
 from impactx_ray.train.comparison import abn_plan, wae_plan
-from impactx_ray.train.loop import FitHooks, Split, StageResult, TrainPlan, accuracy, fit, resolve_device, train
+from impactx_ray.train.loop import FitHooks, Split, StageResult, TrainPlan, accuracy, fit, train
 from impactx_ray.train.losses import impactx_loss
 from impactx_ray.train.stage1 import new_backbone, stage1_plan
 from impactx_ray.train.stage2 import stage2_plan

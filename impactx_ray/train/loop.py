@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from impactx_ray.data import ImageData, train_val_split
-from impactx_ray.devices import resolve_device  # noqa: F401 (train's public name, devices.py's rule)
 
 
 def seed_everything(seed: int) -> torch.Generator:
