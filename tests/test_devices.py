@@ -7,7 +7,8 @@ import torch
 from impactx_ray.devices import cuda_problem, resolve_device, worker_device
 from impactx_ray.errors import UserError
 
-no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use CUDA: the tests fake a Ray GPU that torch cannot reach")
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(),
+                             reason="needs a torch that cannot use CUDA (the tests fake a GPU torch cannot reach)")
 
 
 def test_a_worker_without_a_ray_gpu_runs_on_the_cpu_and_an_explicit_device_is_kept():
