@@ -35,6 +35,8 @@ from impactx_ray.sweep.spaces import (
 SMOKE = {"models": ["lenet5"], "datasets": ["digits"], "epochs": 3, "max_evals": 100,
          "morf_images": 50}
 FULL = {"epochs": 30, "max_evals": MAX_EVALS, "morf_images": SWEEP_MORF_IMAGES}
+# Where the user's browser opens the MLflow UI, when not at the tracking URI (compose, k8s).
+UI_ENV_VAR = "IMPACTX_MLFLOW_UI"
 # Set by Ray's job supervisor in the environment of every job's entrypoint.
 JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Set per cell (--models, --datasets) or searched by the grids: not flags of a sweep.
@@ -71,11 +73,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="asha: epochs before a trial can be stopped (default %(default)s)")
     p.add_argument("--reduction-factor", type=float, default=SearchSpec.reduction_factor,
                    help="asha: 1 in this many trials goes on at each rung (default %(default)s)")
+    # Requests, not what happens to be up when the driver starts (docs/sweeps.md, "Resources"):
+    # an autoscaling cluster is asked for the nodes; a fixed one clamps, in one line.
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, help="fractions allowed (default: 1 when the "
-                   "cluster has GPUs, 0.5 in --smoke, else 0)")
-    p.add_argument("--map-workers", type=int, help="SHAP map workers (default: one per GPU, "
-                   "else one per CPU)")
+                   "cluster has a GPU or its autoscaler says it may launch GPU nodes, 0.5 in "
+                   "--smoke, else 0); a GPU cluster: --gpus-per-trial 1 --map-workers N")
+    p.add_argument("--map-workers", type=int, help="SHAP map workers (default: one per GPU the "
+                   "cluster has or its autoscaler may launch, else one per CPU)")
+    p.add_argument("--gpus-per-map-worker", type=float, help="GPUs per SHAP map worker (default: "
+                   "as --gpus-per-trial's default, 1 where GPUs are)")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial")
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even when trials "
                    "failed (the sweep always goes on without them)")
@@ -207,7 +214,8 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
     opts = options_from(  # validates every value before Ray starts
         args.out, cell_list, smoke=args.smoke, full_stage2=args.stage2_space == "full",
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial or 0.0,
-        map_workers=args.map_workers, max_failures=args.max_failures, morf_images=morf_images,
+        map_workers=args.map_workers, gpus_per_map_worker=args.gpus_per_map_worker,
+        max_failures=args.max_failures, morf_images=morf_images,
         name=args.name, restart=args.restart, search=args.search_spec, strict=args.strict,
         replacements=tuple(args.replacement), comparison=tuple(args.comparison), **base)
     from impactx_ray.config import RunConfig
@@ -230,17 +238,27 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
     # experiment state often; its warning about that, every few seconds, would bury the
     # progress lines.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
-
+    from impactx_ray.capacity import Bundle, autoscaler, check_room, gpus_by_default
     from impactx_ray.explain.actors import init_ray
 
     init_ray()  # plain ray.init(): RAY_ADDRESS when set, else a local Ray
-    if args.gpus_per_trial is None and ray.cluster_resources().get("GPU", 0) > 0:
-        opts.gpus_per_trial = 0.5 if args.smoke else 1.0
+    if args.gpus_per_trial is None:  # GPUs up now, or that the autoscaler says it may launch
+        opts.gpus_per_trial, why = gpus_by_default(args.smoke)
+        if why:
+            print(f"trials: {why}")
+    # what the cluster can never hold stops the sweep here, before its first trial
+    check_room("trials", "--gpus-per-trial" if opts.gpus_per_trial else "--cpus-per-trial",
+               Bundle(opts.cpus_per_trial, opts.gpus_per_trial), queue=True)
+    if args.map_workers and args.gpus_per_map_worker:
+        check_room("map workers", "--map-workers", Bundle(1.0, args.gpus_per_map_worker),
+                   args.map_workers, queue=autoscaler() is None)  # no autoscaler: clamped later
     rows = run_sweep(opts, sweep)
     uri = tracking_uri(args.out)
     print(f"summary: {args.out / 'summary.md'}")
-    print(f"compare the trials: mlflow ui --backend-store-uri {uri}"
+    # the tracking URI the nodes use (http://mlflow:5000 in compose) may not open from the
+    # user's browser: IMPACTX_MLFLOW_UI names the address that does
+    ui = os.environ.get(UI_ENV_VAR)
+    print(f"MLflow UI: {ui}" if ui else f"compare the trials: mlflow ui --backend-store-uri {uri}"
           if uri.startswith("sqlite") else f"MLflow: {uri}")
     failed = sum(r.get(k, 0) for r in rows for k in ("stage1_failed", "stage2_failed",
                                                      "comparison_failed", "failed_trials"))

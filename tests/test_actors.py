@@ -1,5 +1,6 @@
 """SHAP maps over Ray actors: same maps as one process, survives a killed worker, resumes."""
 
+import json
 import os
 import signal
 import time
@@ -47,10 +48,10 @@ def inputs(digits):
     return train.float_images(torch.arange(N)), train.labels[:N]
 
 
-def new_store(path, images, labels):
+def new_store(path, images, labels, shard_size=SHARD):
     meta = SETTINGS.store_meta("c" * 64, "d" * 64, (32, 32))
     return MapStore.create_or_open(path, meta=meta, num_maps=N, map_shape=(32, 32, 3),
-                                   shard_size=SHARD)
+                                   shard_size=shard_size)
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +157,15 @@ def test_more_workers_than_the_cluster_can_place_are_clamped(ray_local, inputs, 
     said = []
     store = new_store(tmp_path / "maps", *inputs)
     run_ray(store, inputs, workers=4, log=said.append)  # a 2-CPU cluster: 2 workers fit
-    assert said[0] == ("--workers 4: the Ray cluster (CPU 2) can place 2 map workers of CPU 1 "
-                       "each; using 2"), said
+    assert said == ["--workers 4: the Ray cluster (CPU 2) holds 2 map workers of CPU 1 each and "
+                    "has no autoscaler; using 2"], said
     close(store.load(), reference, inputs)
 
 
 def test_a_worker_that_cannot_be_placed_is_refused(ray_local, inputs, tmp_path):
     store = new_store(tmp_path / "maps", *inputs)
-    with pytest.raises(UserError, match=r"cannot place one map worker needing CPU 1, GPU 1"):
+    with pytest.raises(UserError, match=r"^--workers: the Ray cluster \(CPU 2\) cannot place one of "
+                       r"the map workers \(CPU 1, GPU 1 each\), and has no autoscaler"):
         run_ray(store, inputs, gpus_per_worker=1.0)
     assert store.missing_shards() == list(range(store.num_shards))
 
@@ -238,4 +240,44 @@ def test_a_transient_actor_error_retries_the_shard_on_the_same_worker(ray_local,
         pool.compute(store, progress=False)  # one worker: dropping it would end the run
     assert not flag.exists()
     assert any("unavailable for shard" in s and "retrying" in s for s in said), said
+    close(store.load(), reference, inputs)
+
+
+class HangsWhenTold(torch.nn.Module):
+    """build_model's net, whose forward blocks while ``<flag_dir>/hang-<its pid>`` exists: a shard
+    held by a worker that never comes back."""
+
+    def __init__(self, flag_dir: str) -> None:
+        super().__init__()
+        self.model, self.flag_dir = build_model(), Path(flag_dir)
+
+    def forward(self, x):
+        while (self.flag_dir / f"hang-{os.getpid()}").exists():
+            time.sleep(0.05)
+        return self.model(x)
+
+
+def test_a_worker_stuck_restarting_has_its_shards_requeued(ray_local, inputs, reference,
+                                                           tmp_path, monkeypatch):
+    """Worker #1 holds its shards and Ray reports it RESTARTING (as when its node is gone and no
+    node is free for it): after restart_timeout_s its shards go to worker #2, it is killed, and
+    the maps are whole and right."""
+    from impactx_ray.explain import actors
+    from impactx_ray.explain.actors import MapPool
+
+    images, labels = inputs
+    said = []
+    store = new_store(tmp_path / "maps", *inputs)
+    monkeypatch.setattr(MapPool, "POLL_S", 0.2)
+    with MapPool(partial(HangsWhenTold, str(tmp_path)), images, labels, SETTINGS, workers=2,
+                 log=said.append, restart_timeout_s=1.0) as pool:
+        stuck, alive = pool.wait_ready()
+        (tmp_path / f"hang-{stuck}").touch()
+        monkeypatch.setattr(actors, "actor_state",
+                            lambda a: "RESTARTING" if a is pool.actors[0] else "ALIVE")
+        pool.compute(store, progress=False)
+    lines = [s for s in said if s.startswith("map worker #1 has been RESTARTING for ")]
+    assert len(lines) == 1 and lines[0].endswith("go to the other workers"), said
+    made_by = {json.loads(p.read_text())["made_by"]["pid"] for p in (tmp_path / "maps").glob("shard-*.json")}
+    assert made_by == {alive}, (made_by, stuck, alive)
     close(store.load(), reference, inputs)

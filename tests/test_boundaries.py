@@ -18,13 +18,14 @@ BASE = {"defaults", "devices", "errors", "io"}
 ALLOWED = {
     "defaults": set(),
     "devices": {"errors"},
+    "capacity": {"errors"},
     "errors": set(),
     "io": {"errors"},
     "data": BASE,
     "models": BASE,
     "config": BASE | {"data", "models"},
     "train": BASE | {"data", "models", "config"},
-    "explain": BASE | {"data", "config"},
+    "explain": BASE | {"data", "config", "capacity"},
     "eval": BASE | {"data", "models", "config", "explain"},
     "methods": BASE | {"data", "models", "config", "train", "explain"},
     "checks": BASE | {"data", "config", "train", "explain"},
@@ -36,7 +37,7 @@ ALLOWED = {
     "flags": BASE,
     "lock": {"errors", "defaults"},
     "sweep": BASE | {"data", "models", "config", "train", "explain", "eval", "methods", "checks",
-                     "lock", "report", "pipeline"},
+                     "lock", "report", "pipeline", "capacity"},
     "cli": BASE | {"data", "config", "flags", "methods", "rundir", "runner", "sweep", "lock",
                    "report"},
     "__main__": {"cli"},
@@ -155,5 +156,6 @@ def test_mlflow_is_imported_only_by_tracking():
     assert _importers("mlflow") == ["sweep/tracking.py"]
 
 
-def test_ray_is_imported_only_by_the_actors_and_the_sweep():
-    assert all(p == "explain/actors.py" or p.startswith("sweep/") for p in _importers("ray"))
+def test_ray_is_imported_only_by_the_actors_the_capacity_and_the_sweep():
+    assert all(p in ("explain/actors.py", "capacity.py") or p.startswith("sweep/")
+               for p in _importers("ray"))

@@ -14,10 +14,13 @@ How the work flows:
   the others. ``ActorUnavailableError``, which Ray documents as transient, retries the shard on
   the same worker. Maps are deterministic per image (shap's tie-breaking RNG is seeded per
   image), so N workers give the same maps as one.
-* Never more workers than the cluster's nodes can place (more are clamped, with a message), and
-  shards go only to workers that have started: a worker waiting for resources holds no work, so
-  the run cannot hang on it. A watchdog line says, when no shard has finished for a while, which
-  shards run where and what the others wait on.
+* The workers are a request (``capacity.make_room``): what the nodes up now cannot hold is asked
+  of the cluster's autoscaler, and a line says what is still waited for; without an autoscaler
+  they are clamped to what fits, with a message. Shards go only to workers that have started: a
+  worker waiting for a node holds no work, so the run cannot hang on it. A worker stuck
+  restarting (its node gone, no other node free for it) has its shards handed to the others
+  after ``restart_timeout_s``. A watchdog line says, when no shard has finished for a while,
+  which shards run where and what the others wait on.
 
 Ray stays here: the model, explainer and store are plain PyTorch/NumPy.
 """
@@ -38,6 +41,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from tqdm.auto import tqdm
 
+from impactx_ray.capacity import Bundle, Room, describe, gpus_by_default, make_room
 from impactx_ray.devices import worker_device
 from impactx_ray.errors import UserError, is_int
 from impactx_ray.explain.compute import check_fits, check_settings
@@ -74,21 +78,30 @@ def ray_device(requested: str, what: str) -> torch.device:
                          f"{what} on node {where['host']} ({where['node_id'][:12]})")
 
 
-def init_user_error(err: BaseException) -> str | None:
-    """The one-line ``UserError`` a worker's ``__init__`` raised (a GPU torch cannot use, say),
-    read back from the actor-death message Ray hands the driver; None for any other death."""
-    if getattr(err, "actor_init_failed", False):
-        prefix = f"{UserError.__module__}.{UserError.__name__}: "
-        for line in str(err).splitlines():
-            if line.startswith(prefix):
-                return line[len(prefix):].strip()
+def user_error_in(err: BaseException) -> str | None:
+    """The one-line ``UserError`` a Ray worker raised (a GPU torch cannot use, say), read back
+    from the error Ray hands the driver (its traceback as text); None for any other error."""
+    prefix = f"{UserError.__module__}.{UserError.__name__}: "
+    for line in str(err).splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
     return None
 
 
-def default_gpus_per_worker() -> float:
-    """One GPU per worker when the cluster has GPUs (the driver's machine may have none)."""
+def init_user_error(err: BaseException) -> str | None:
+    """The one-line ``UserError`` a worker's ``__init__`` raised, from its actor-death message;
+    None for any other death."""
+    return user_error_in(err) if getattr(err, "actor_init_failed", False) else None
+
+
+def default_gpus_per_worker(log: Callable[[str], None] | None = None) -> float:
+    """One GPU per worker when the cluster has GPUs or its autoscaler may launch GPU nodes (the
+    driver's machine may have none); ``log`` hears why, where that is not evident."""
     init_ray()
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus, why = gpus_by_default()
+    if why and log is not None:
+        log(f"map workers: {why}")
+    return gpus
 
 
 class MapWorker:
@@ -140,23 +153,14 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}{'s' * (n != 1)}"
 
 
-def _resources(res: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in sorted(res.items())
-                     if k in ("CPU", "GPU") and v) or "no CPU or GPU"
+def actor_state(actor: Any) -> str:
+    """Ray's state of an actor (ALIVE, RESTARTING, PENDING_CREATION, DEAD), from the GCS."""
+    try:
+        from ray._private.state import actors
 
-
-def placeable_workers(cpus_per_worker: float, gpus_per_worker: float) -> int:
-    """How many workers of these resources the cluster's live nodes can hold at once (a worker
-    needs all of its resources on one node)."""
-    total = 0
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        res = node.get("Resources", {})
-        fits = [math.floor(res.get(k, 0.0) / need + 1e-9)
-                for k, need in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)) if need > 0]
-        total += min(fits) if fits else 0
-    return total
+        return actors(actor_id=actor._actor_id.hex()).get("State", "UNKNOWN")
+    except Exception:  # a private accessor: when it cannot answer, the actor counts as alive
+        return "UNKNOWN"
 
 
 class MapPool:
@@ -164,26 +168,31 @@ class MapPool:
 
     Create it once (workers load the checkpoint and receive the images once), then ``compute``
     any number of stores over the same images; ``close`` (or ``with``) releases the actors.
-    Never more workers than the cluster can place: more are clamped, with a message (``log``).
+    ``workers`` is a request: an autoscaler is asked for what the nodes up now cannot hold; with
+    none, more than fit are clamped, with a message (``log``; ``flag`` names the request in it).
     ``device`` is ``--device``: ``auto`` runs a worker on the GPU Ray gave it (and stops it with
     one line if torch cannot use that GPU), ``cpu`` on its CPU even on a GPU node.
     """
 
     #: consecutive ``ActorUnavailableError`` s of one shard before its worker counts as gone
     TRANSIENT_RETRIES = 5
+    #: how often the dispatcher looks at stuck workers, and says what it waits for
+    POLL_S, WAITING_LINE_S = 5.0, 30.0
 
     def __init__(self, build_model: ModelBuilder, images: torch.Tensor,
                  labels: torch.Tensor | np.ndarray | Sequence[int], settings: ExplainSettings, *,
                  workers: int, forward_batch: int | None = None,
                  gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
                  torch_threads: int = 1, max_restarts: int = 3, device: str = "auto",
-                 log: Callable[[str], None] = _stderr, watchdog_s: float = 60.0) -> None:
+                 log: Callable[[str], None] = _stderr, watchdog_s: float = 60.0,
+                 restart_timeout_s: float = 300.0, flag: str = "--workers") -> None:
         if not is_int(workers, 1):
             raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
         check_images(images)
         n, c, h, w = images.shape
         self.images_shape, self.labels = (n, c, h, w), labels_array(labels, n)
         self.settings, self.log, self.watchdog_s = settings, log, watchdog_s
+        self.restart_timeout_s = restart_timeout_s
         self.explainer_kwargs = settings.explainer_kwargs((h, w))
         hwc = to_hwc(images)
         # Validate the settings and labels here, where an error can be a clean one-liner.
@@ -192,9 +201,11 @@ class MapPool:
 
         init_ray()
         if gpus_per_worker is None:
-            gpus_per_worker = default_gpus_per_worker()
-        self.needs = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
-        workers = self._clamp(workers)
+            gpus_per_worker = default_gpus_per_worker(log)
+        self.needs = Bundle(cpus_per_worker, gpus_per_worker)
+        # as many as asked when they fit or an autoscaler may add nodes; else clamped, said once
+        self.room: Room = make_room("map workers", flag, self.needs, workers, log)
+        workers = self.room.count
         # Put once; every task carries these refs (not the data), and the pool keeps them alive
         # so that a restarted actor can fetch them again.
         self.data_refs = [ray.put(hwc), ray.put(self.labels)]
@@ -206,19 +217,6 @@ class MapPool:
                        for _ in range(workers)]
         self.ready: list[Any] = []  # actors that finished warm_up: only they are handed shards
 
-    def _clamp(self, workers: int) -> int:
-        """``workers``, or fewer when the cluster cannot place them: an actor that can never be
-        scheduled would otherwise wait (and keep its shards waiting) for ever."""
-        can = placeable_workers(self.needs["CPU"], self.needs["GPU"])
-        have = _resources(ray.cluster_resources())
-        if can < 1:
-            raise UserError(f"the Ray cluster ({have}) cannot place one map worker needing "
-                            f"{_resources(self.needs)}; lower --gpus-per-worker or add nodes")
-        if workers > can:
-            self.log(f"--workers {workers}: the Ray cluster ({have}) can place {can} map "
-                     f"workers of {_resources(self.needs)} each; using {can}")
-        return min(workers, can)
-
     def wait_ready(self) -> list[int]:
         """Block until every worker has loaded its model and compiled shap's kernels; their pids."""
         pids = ray.get([a.warm_up.remote(self.data_refs) for a in self.actors])
@@ -229,6 +227,7 @@ class MapPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors, self.ready = [], []
+        self.room.release()  # the autoscaler may let the idle nodes go
 
     def __enter__(self) -> MapPool:
         return self
@@ -271,6 +270,8 @@ class _Dispatch:
                         if a not in pool.ready} if queue else {}
         self.in_flight: dict[ray.ObjectRef, tuple[Any, int]] = {}
         self.unavailable: dict[int, int] = {}  # shard -> consecutive ActorUnavailableErrors
+        self.down_since: dict[Any, float] = {}  # worker -> when it was first seen not ALIVE
+        self.said_waiting = -math.inf
 
     def refill(self) -> None:
         """Keep two shards in flight per ready worker, so none idles while the driver writes."""
@@ -293,15 +294,57 @@ class _Dispatch:
             raise RuntimeError(f"every map worker died (last: {cause}); finished shards are "
                                "kept, rerun to resume") from err
 
+    def say_waiting(self) -> None:
+        """While the autoscaler adds nodes for workers not started yet, a line every
+        ``WAITING_LINE_S``: ``waiting for 8 GPU map workers: 2 placed, autoscaler asked 1 min
+        ago``."""
+        room = self.pool.room
+        if room.asked_at is None or not self.warming:
+            return
+        if time.monotonic() - self.said_waiting >= MapPool.WAITING_LINE_S:
+            self.pool.log(room.waiting_line(f"{self.pool.needs.kind()} map workers",
+                                            len(self.pool.ready)))
+            self.said_waiting = time.monotonic()
+
+    def requeue_stuck(self) -> None:
+        """A worker that holds shards but has not been ALIVE for ``restart_timeout_s`` (Ray is
+        restarting it on a node that is gone, and no node is free for it) is given up: its shards
+        go back to the queue for the others, and the worker is killed so it stops waiting."""
+        holders = {id(a): a for a, _ in self.in_flight.values()}
+        now = time.monotonic()
+        for actor in holders.values():
+            state = actor_state(actor)
+            if state in ("ALIVE", "UNKNOWN"):
+                self.down_since.pop(actor, None)
+                continue
+            since = self.down_since.setdefault(actor, now)
+            if now - since < self.pool.restart_timeout_s:
+                continue
+            mine = [ref for ref, (a, _) in self.in_flight.items() if a is actor]
+            shards = sorted(self.in_flight.pop(ref)[1] for ref in mine)
+            self.queue.extendleft(reversed(shards))
+            self.pool.log(f"map worker {self.name(actor)} has been {state} for "
+                          f"{now - since:.0f} s (its node gone, no node free for it): shards "
+                          f"{', '.join(map(str, shards))} go to the other workers")
+            ray.kill(actor, no_restart=True)
+            self.down_since.pop(actor, None)
+            self.drop(actor, RuntimeError(f"map worker {self.name(actor)} stuck {state}"))
+        self.refill()
+
     def __iter__(self):
         self.refill()
-        last = time.monotonic()
+        last = checked = time.monotonic()
         while self.in_flight or (self.queue and self.warming):
-            wait = max(0.0, last + self.pool.watchdog_s - time.monotonic())
+            self.say_waiting()
+            if time.monotonic() - checked >= MapPool.POLL_S:
+                self.requeue_stuck()
+                checked = time.monotonic()
+            wait = max(0.0, min(last + self.pool.watchdog_s - time.monotonic(), MapPool.POLL_S))
             done, _ = ray.wait([*self.in_flight, *self.warming], num_returns=1, timeout=wait)
             if not done:
-                self.pool.log(self.stall_report(time.monotonic() - last))
-                last = time.monotonic()
+                if time.monotonic() - last >= self.pool.watchdog_s:
+                    self.pool.log(self.stall_report(time.monotonic() - last))
+                    last = time.monotonic()
                 continue
             ref = done[0]
             if ref in self.warming:
@@ -356,9 +399,9 @@ class _Dispatch:
             parts.append(f"{_count(len(self.queue), 'shard')} queued for a free worker")
         if self.warming:
             parts.append(f"{_count(len(self.warming), 'worker')} not started yet: loading the "
-                         f"model, or waiting for {_resources(self.pool.needs)} each (the cluster "
-                         f"has {_resources(ray.available_resources())} free of "
-                         f"{_resources(ray.cluster_resources())})")
+                         f"model, or waiting for {self.pool.needs} each (the cluster "
+                         f"has {describe(ray.available_resources())} free of "
+                         f"{describe(ray.cluster_resources())})")
         return "; ".join(parts)
 
 

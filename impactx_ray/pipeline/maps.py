@@ -70,6 +70,7 @@ def run_store_warning(settings: ExplainSettings, root: Path, checkpoint: Path,
 def stage1_maps(checkpoint: Path, spec: ModelSpec, train: ImageData, settings: ExplainSettings,
                 root: Path, *, device: torch.device, workers: int | None = None,
                 gpus_per_worker: float | None = None, worker_device: str = "auto",
+                workers_flag: str = "--workers",
                 progress: bool = True) -> MapsDone:
     """Open (or find again) the store of ``checkpoint``'s maps of ``train`` under ``root`` and
     compute its missing shards: in this process (on ``device``), or on ``workers`` Ray map
@@ -92,7 +93,8 @@ def stage1_maps(checkpoint: Path, spec: ModelSpec, train: ImageData, settings: E
 
         compute_store_ray(store, partial(load_stage1, checkpoint, spec), train.float_images(),
                           train.labels, settings, workers=workers,
-                          gpus_per_worker=gpus_per_worker, device=worker_device, progress=progress)
+                          gpus_per_worker=gpus_per_worker, device=worker_device, progress=progress,
+                          flag=workers_flag)
     seconds = time.perf_counter() - start if todo else 0.0
     warning = store_warning(store)
     return MapsDone(store, todo, seconds, [warning] if warning else [])

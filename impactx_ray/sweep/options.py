@@ -25,7 +25,8 @@ class SweepOptions:
     full_stage2: bool = False
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
-    map_workers: int | None = None        # None: one per GPU in the cluster, else one per CPU
+    map_workers: int | None = None        # None: one per GPU in (or that may join) the cluster,
+    gpus_per_map_worker: float | None = None  # else one per CPU; None: 1 where GPUs are
     morf_images: int = SWEEP_MORF_IMAGES  # test images for MoRF (0: skip MoRF)
     replacements: tuple[str, ...] = DEFAULT_REPLACEMENTS  # what replaces removed regions
     comparison: tuple[str, ...] = COMPARISON_METHODS     # methods on the stage-1 winner's settings
@@ -63,6 +64,7 @@ def options_from(out: Path, cells: list[Cell], **kw: Any) -> SweepOptions:
     for flag, key, minimum in (("--cpus-per-trial", "cpus_per_trial", 1e-9),
                                ("--gpus-per-trial", "gpus_per_trial", 0.0),
                                ("--map-workers", "map_workers", 1),
+                               ("--gpus-per-map-worker", "gpus_per_map_worker", 0.0),
                                ("--max-failures", "max_failures", 0),
                                ("--morf-images", "morf_images", 0)):
         value = kw.get(key)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from impactx_ray.capacity import Bundle, at_once
 from impactx_ray.checks import chance_warning
 from impactx_ray.config import RunConfig
 from impactx_ray.data import ImageData, load_dataset
@@ -46,14 +47,14 @@ def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Pat
     from impactx_ray.explain.actors import default_gpus_per_worker, init_ray
 
     init_ray()
-    import ray
-
-    gpus = default_gpus_per_worker()
-    workers = opts.map_workers or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1)))
+    gpus = (opts.gpus_per_map_worker if opts.gpus_per_map_worker is not None
+            else default_gpus_per_worker(opts.log))
+    # as asked; by default one per GPU (or CPU) the cluster has, or its autoscaler may launch
+    workers = opts.map_workers or at_once(Bundle(1.0, gpus))
     return stage1_maps(checkpoint, ModelSpec.of(cfg, train), train, ExplainSettings.from_config(cfg),
                        opts.out / "cells" / cell.name / "maps", device=torch.device("cpu"),
                        workers=workers, gpus_per_worker=gpus, worker_device=cfg.device,
-                       progress=True)
+                       progress=True, workers_flag="--map-workers")
 
 
 def log_winner(tracker: Tracker, stage_run: str, params: dict, metrics: dict, model: Any) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ray import tune
 
+from impactx_ray.capacity import Room
 from impactx_ray.defaults import SELECTION_METRIC
 from impactx_ray.sweep.search import stopped_early
 
@@ -46,8 +47,9 @@ class StageProgress(tune.Callback):
     ``every`` seconds while trials run."""
 
     def __init__(self, label: str, total: int, log: Callable[[str], None] = print,
-                 every: float = 60.0) -> None:
+                 every: float = 60.0, room: Room | None = None) -> None:
         self.label, self.total, self.log, self.every = label, total, log, every
+        self.room = room  # the autoscaler's request for these trials, if one was made
         self.start: float | None = None
         self.last_line, self.last_time = "", 0.0
 
@@ -60,6 +62,9 @@ class StageProgress(tune.Callback):
         early = sum(t.status == "TERMINATED" and stopped_early(t.last_result) for t in trials)
         line = progress_line(self.label, counts, max(scores) if scores else None,
                              now - self.start, max(self.total, len(trials)), early)
+        if self.room is not None and self.room.asked_at is not None and "RUNNING" not in counts \
+                and "PENDING" in counts:  # none placed yet: the autoscaler is adding nodes
+            line += f"; {self.room.waiting_line('trials', 0)}"
         changed = line.split(";")[:2] != self.last_line.split(";")[:2]  # counts or best
         if changed or (not final and now - self.last_time >= self.every):
             self.log(line)
@@ -69,4 +74,4 @@ class StageProgress(tune.Callback):
         self.on_step_end(0, trials, final=True)
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its experiment state
-        return {**self.__dict__, "start": None, "log": print}
+        return {**self.__dict__, "start": None, "log": print, "room": None}

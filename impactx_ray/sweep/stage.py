@@ -11,8 +11,11 @@ from typing import Any
 
 from ray import tune
 
+from impactx_ray.capacity import Bundle, at_once, make_room
 from impactx_ray.data import ImageData
 from impactx_ray.defaults import CHECKPOINT_FILE, SELECTION_METRIC
+from impactx_ray.errors import UserError
+from impactx_ray.explain.actors import user_error_in
 from impactx_ray.methods import get_method
 from impactx_ray.sweep.options import SweepOptions
 from impactx_ray.sweep.progress import StageProgress
@@ -58,6 +61,9 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
     search = (opts.search if stage in STAGE_METHODS else SearchSpec()).for_space(space)
     plan = tune_plan(space, search, get_method(STAGE_METHODS.get(stage, "baseline")).epochs(
         run_config(base)), METRIC, slots=trial_slots(opts))
+    # trials queue for the nodes up now; an autoscaler is asked for nodes for those beyond them
+    room = make_room("trials", "--gpus-per-trial" if opts.gpus_per_trial else "--cpus-per-trial",
+                     trial_bundle(opts), plan.trials, opts.log, queue=True)
     storage = (opts.out / "tune").resolve()
     path = storage / f"{cell.name}-{stage}"
     resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
@@ -79,11 +85,14 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
             tune_config=tune.TuneConfig(**plan.tune_config),
             run_config=tune.RunConfig(
                 name=path.name, storage_path=str(storage), verbose=0,
-                callbacks=[logger, StageProgress(key, plan.trials, opts.log)],
+                callbacks=[logger, StageProgress(key, plan.trials, opts.log, room=room)],
                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                 # the last checkpoint holds the last epoch's state and the best weights so far
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        room.release()  # the autoscaler may let idle nodes go
     outcome = StageOutcome.of(search.label, results)
     tracker.params(stage_run, {"search": outcome.search})
     tracker.metrics(stage_run, {"trials": outcome.trials, "trials_early_stopped":
@@ -100,15 +109,14 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
     return results, stage_run, outcome
 
 
-def trial_slots(opts: SweepOptions) -> int:
-    """How many trials the cluster fits at once, now (by CPUs, and GPUs where trials take them)."""
-    import ray
+def trial_bundle(opts: SweepOptions) -> Bundle:
+    return Bundle(opts.cpus_per_trial, opts.gpus_per_trial)
 
-    have = ray.cluster_resources()
-    fits = have.get("CPU", 1) / opts.cpus_per_trial
-    if opts.gpus_per_trial:
-        fits = min(fits, have.get("GPU", 0) / opts.gpus_per_trial)
-    return max(1, int(fits))
+
+def trial_slots(opts: SweepOptions) -> int:
+    """How many trials the cluster fits at once: on the nodes up now, or on those its autoscaler
+    may launch when it says how many (by CPUs, and GPUs where trials take them)."""
+    return at_once(trial_bundle(opts))
 
 
 class StageFailed(Exception):
@@ -128,6 +136,9 @@ def best(results: Any, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str,
                 and math.isfinite(r.metrics.get(METRIC, math.nan))]
     winner = max(finished, key=lambda r: r.metrics[METRIC], default=None)  # first of ties
     if winner is None:
+        refused = [user_error_in(e) for e in results.errors]
+        if refused and all(refused):  # every trial refused to start (a GPU torch cannot use, say):
+            raise UserError(refused[0])  # the user's to fix, and every other stage would too
         first = str(results.errors[0]).strip().splitlines()[-1][:200] if results.errors else "-"
         raise StageFailed(f"none of its {len(results)} trials finished (first error: {first})",
                           failed=len(results.errors))
