@@ -9,6 +9,7 @@ in that session -- never ``ray stop``, which ends every Ray on the machine.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -39,15 +40,19 @@ def free_ports(n: int) -> list[int]:
 
 
 def session_pids(sid: int) -> list[int]:
-    """Processes of session ``sid`` (the head and everything Ray started under it)."""
+    """Live processes of session ``sid`` (the head and everything Ray started under it); zombies,
+    already dead and waiting to be reaped, are not counted."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                pass
+                if os.getsid(int(entry.name)) != sid:
+                    continue
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):  # gone meanwhile
+                continue
+            if state != "Z":
+                pids.append(int(entry.name))
     return pids
 
 
@@ -61,6 +66,7 @@ def stop_session(proc: subprocess.Popen, grace: float = 10.0) -> None:
                 pass
         deadline = time.time() + grace
         while session_pids(proc.pid) and time.time() < deadline:
+            proc.poll()  # reap the session's leader as soon as it exits
             time.sleep(0.2)
     proc.wait(timeout=30)
 
@@ -80,12 +86,42 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120)
     raise TimeoutError(f"{url} did not answer in {timeout:.0f} s: {log.read_text()[-2000:]}")
 
 
+def fake_autoscaling_config(worker_types: dict, gcs_port: int, head_cpus: int) -> dict:
+    """A whole v1 cluster config for Ray's fake multi-node provider, which the head's autoscaler
+    uses to start worker nodes as local processes. (The wheel lacks the ``example.yaml`` that
+    ``ray.cluster_utils.AutoscalingCluster`` reads, and that helper runs ``ray stop --force``.)
+    ``worker_types``: ``{name: {"resources": {...}, "min_workers": m, "max_workers": n}}``.
+    Without ``disable_node_updaters`` every launch is reported failed and the nodes churn."""
+    types = {name: {"node_config": {}, **spec} for name, spec in worker_types.items()}
+    types["ray.head.default"] = {"resources": {"CPU": head_cpus}, "node_config": {},
+                                 "max_workers": 0}
+    return {
+        "cluster_name": "fake_multinode",
+        "max_workers": sum(t.get("max_workers", 0) for t in types.values()),
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}",
+                     "disable_node_updaters": True, "use_node_id_as_ip": True,
+                     "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": types,
+        "head_node_type": "ray.head.default",
+        "upscaling_speed": 2.0,
+        "idle_timeout_minutes": 0.25,  # idle GPU nodes go 15 s after their last task
+        "docker": {},
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
 class LocalCluster:
     """``with LocalCluster(tmp) as c:`` a one-node Ray head with token auth; ``c.env`` is the
-    environment a user's shell has for it (``RAY_AUTH_MODE=token``, the token in ``HOME``)."""
+    environment a user's shell has for it (``RAY_AUTH_MODE=token``, the token in ``HOME``).
+    ``autoscaling``: worker node types (see :func:`fake_autoscaling_config`) that the head's
+    autoscaler launches as local processes of its own session, from zero."""
 
-    def __init__(self, root: Path, num_cpus: int = 2) -> None:
-        self.root, self.num_cpus = root, num_cpus
+    def __init__(self, root: Path, num_cpus: int = 2, autoscaling: dict | None = None) -> None:
+        self.root, self.num_cpus, self.autoscaling = root, num_cpus, autoscaling
         home = root / "home"
         home.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token",
@@ -105,8 +141,16 @@ class LocalCluster:
                "--num-cpus", str(self.num_cpus), "--include-dashboard", "true",
                "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
         cmd += [str(a) for flag, port in self.ports.items() for a in (flag, port)]
+        env = self.env
+        if self.autoscaling is not None:  # autoscaler v1 over Ray's fake multi-node provider
+            config = self.root / "autoscaling.json"
+            config.write_text(json.dumps(fake_autoscaling_config(
+                self.autoscaling, self.ports["--port"], self.num_cpus)))
+            cmd += ["--autoscaling-config", str(config)]
+            env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                   "RAY_enable_autoscaler_v2": "0"}
         self.log = self.root / "head.log"
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(self.log, "w"),
+        self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.log, "w"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_http(f"{self.dashboard}/api/version", self.proc, self.log)
@@ -125,6 +169,52 @@ class LocalCluster:
             ) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "ray"), *args], env=env or self.env, capture_output=True,
                               text=True, timeout=timeout)
+
+
+class MultiNodeCluster(LocalCluster):
+    """``with MultiNodeCluster(tmp, workers=[{"num_cpus": 1, "num_gpus": 1}] * 2) as c:`` a
+    ``ray.cluster_utils.Cluster`` (tests/multinode.py) in a process session of its own: a head
+    with no GPU and worker nodes declaring GPUs, token auth on. ``c.workers``: the worker nodes'
+    ids; ``c.remove(i)`` kills worker node ``i`` as a lost machine."""
+
+    def __init__(self, root: Path, workers: list[dict], head_cpus: int = 1) -> None:
+        super().__init__(root, num_cpus=head_cpus)
+        self.worker_specs = workers
+
+    def __enter__(self) -> MultiNodeCluster:
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=self.env,
+                       check=True, capture_output=True, timeout=60)
+        self.temp_dir = Path(f"/tmp/ixm-{os.getpid()}-{self.ports['--port']}")
+        spec, ready = self.root / "spec.json", self.root / "ready.json"
+        spec.write_text(json.dumps({"temp_dir": str(self.temp_dir), "ports": self.ports,
+                                    "head_cpus": self.num_cpus, "workers": self.worker_specs}))
+        self.log = self.root / "cluster.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("multinode.py")), str(spec), str(ready)],
+            env=self.env, stdin=subprocess.PIPE, stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT, start_new_session=True, text=True)
+        try:
+            deadline = time.time() + 180
+            while not ready.exists():
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the cluster did not start: {self.log.read_text()[-3000:]}")
+                time.sleep(0.5)
+            info = json.loads(ready.read_text())
+            self.address, self.workers, self.head = info["address"], info["workers"], info["head"]
+            wait_http(f"{self.dashboard}/api/version", self.proc, self.log)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        for i in range(len(self.worker_specs)):  # the worker nodes' own temp dirs
+            shutil.rmtree(f"{self.temp_dir}-w{i}", ignore_errors=True)
+
+    def remove(self, index: int) -> None:
+        self.proc.stdin.write(f"remove {index}\n")
+        self.proc.stdin.flush()
 
 
 def postgres_bin() -> Path | None:

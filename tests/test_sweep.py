@@ -316,16 +316,41 @@ def test_ray_job_submit_with_token_auth_logs_to_an_mlflow_server(submitted_sweep
         assert name in cell.data.metrics, name
     summary = (out / "summary.md").read_text()
     assert "MoRF, LeRF and SRG [95% CI over images]" in summary and "sanity checks" in summary
-    # every trial's run names the Ray node it ran on, as every map shard's sidecar does
+    # Every trial, map shard and the MoRF task ran on the GPU nodes (never the head, which has no
+    # GPU): the trials' runs, the shards' sidecars and the MoRF task's record name their node.
+    gpu_nodes = set(cluster.workers)
     nodes = {r.data.tags.get("impactx.node_id") for r in trials}
-    assert len(nodes) == 1 and all(n and len(n) == 56 for n in nodes), nodes  # a one-node cluster
+    assert nodes <= gpu_nodes, (nodes, gpu_nodes, cluster.head)
     (store,) = (out / "cells" / "lenet5-digits" / "maps").iterdir()
     sidecars = [json.loads(p.read_text()) for p in store.glob("shard-*.json")]
-    assert sidecars and {s["made_by"]["node_id"] for s in sidecars} == nodes
+    assert sidecars and {s["made_by"]["node_id"] for s in sidecars} == gpu_nodes  # 2 workers, 1 each
+    morf_node = json.loads((out / "cells" / "lenet5-digits" / "morf" / "made_by.json").read_text())
+    assert morf_node["node_id"] in gpu_nodes
     for r in trials:  # trial → stage → cell → sweep
         stage = parent[key[r.info.run_id]]
         assert stage == key[r.info.run_id].rsplit("/", 1)[0]
         assert parent[stage] == "lenet5-digits" and parent["lenet5-digits"] == "sweep"
+
+
+@pytest.mark.slow
+def test_a_trial_holding_a_gpu_torch_cannot_use_stops_the_sweep_in_one_line(submitted_sweep):
+    """--device auto on the shared cluster's GPU nodes, whose GPUs this CPU-only machine's torch
+    cannot use: no silent CPU run. Every trial stops with the line naming its node, the torch
+    build and the driver it needs, and the sweep exits 2 with that line."""
+    cluster, out = submitted_sweep.cluster, submitted_sweep.root / "auto-device"
+    job = cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+                      "--", "python", "sweeps/full_grid.py", *FAST_SMOKE, "--epochs", "1",
+                      "--morf-images", "0", "--gpus-per-trial", "1", "--device", "auto",
+                      "--out", str(out), timeout=600)
+    assert job.returncode != 0, job.stdout[-3000:]
+    # (the job's log is printed, then repeated in its failure status)
+    (line,) = {s for s in job.stdout.splitlines() if s.startswith("full_grid.py: error: ")}
+    assert re.fullmatch(r"full_grid\.py: error: trial \w+ \(baseline\) on node \S+ \(\w{12}\) "
+                        r"holds Ray GPU \d, but torch cannot use it: torch \S+ (is a CPU-only "
+                        r"build|built for CUDA [\d.]+ \(needs an NVIDIA driver for CUDA [\d.]+\)"
+                        r": .+); install the torch build for this node's driver, or pass "
+                        r"--device cpu", line), line
+    assert line.split("on node ")[1].split()[1].strip("()") in {n[:12] for n in cluster.workers}
 
 
 @pytest.mark.slow
