@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # Every other package pinned too, the same pins as the Docker image.
 PINS   := docker/constraints.txt
 
-.PHONY: install quickstart test test-fast lint constraints clean
+.PHONY: install quickstart test test-fast lint constraints clean image push k8s-manifests cluster-config
 
 install: $(STAMP)
 
@@ -42,3 +42,39 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# --- Deployment (docs/sweeps.md, "Running a sweep" 3-5). One variable names the image: IMAGE,
+# made of REGISTRY (e.g. ghcr.io/you) and TAG (the commit). docker/ names it impactx-ray:latest,
+# which the two render targets below replace with IMAGE.
+REGISTRY ?=
+TAG      ?= $(shell git describe --always --dirty 2>/dev/null || echo latest)
+IMAGE    ?= $(if $(REGISTRY),$(REGISTRY)/)impactx-ray:$(TAG)
+DEPLOY   ?= build/deploy
+K8S      := docker/storage.k8s.yaml docker/postgres.k8s.yaml docker/mlflow.k8s.yaml \
+            docker/preload.k8s.yaml docker/rayjob.yaml
+
+# The image, tagged IMAGE and impactx-ray:latest (what docker/compose.yaml runs).
+image:
+	docker build -f docker/Dockerfile -t $(IMAGE) -t impactx-ray:latest .
+
+# Build and push IMAGE. TAG is the commit (`-dirty` with uncommitted changes: commit first, or
+# set TAG, so that nodes that cache images by tag never run a stale one).
+push:
+	@test -n "$(REGISTRY)" || { echo "make push needs REGISTRY=<registry>/<namespace>"; exit 2; }
+	$(MAKE) --no-print-directory image IMAGE=$(IMAGE)
+	docker push $(IMAGE)
+
+# The Kubernetes manifests with IMAGE in them, in $(DEPLOY)/k8s/ (kubectl apply -f there).
+k8s-manifests:
+	mkdir -p $(DEPLOY)/k8s
+	for f in $(K8S); do sed 's|impactx-ray:latest|$(IMAGE)|g' $$f > $(DEPLOY)/k8s/$${f##*/}; done
+	@echo "wrote $(DEPLOY)/k8s/ with image $(IMAGE)"
+
+# The cluster launcher's config with IMAGE, the AMI and the NFS export in it: $(DEPLOY)/cluster.yaml.
+cluster-config:
+	@test -n "$(AMI)" -a -n "$(SHARED_NFS)" || \
+	    { echo "make cluster-config needs AMI=ami-... SHARED_NFS=<nfs-host>:/<path>"; exit 2; }
+	mkdir -p $(DEPLOY)
+	sed -e 's|impactx-ray:latest|$(IMAGE)|g' -e 's|@AMI@|$(AMI)|g' -e 's|@SHARED_NFS@|$(SHARED_NFS)|g' \
+	    docker/cluster.yaml > $(DEPLOY)/cluster.yaml
+	@echo "wrote $(DEPLOY)/cluster.yaml with image $(IMAGE)"
