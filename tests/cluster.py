@@ -202,6 +202,7 @@ class MultiNodeCluster(LocalCluster):
             info = json.loads(ready.read_text())
             self.address, self.workers, self.head = info["address"], info["workers"], info["head"]
             wait_http(f"{self.dashboard}/api/version", self.proc, self.log)
+            self.wait_for_jobs()
         except BaseException:
             self.__exit__()
             raise
@@ -211,6 +212,18 @@ class MultiNodeCluster(LocalCluster):
         super().__exit__(*exc)
         for i in range(len(self.worker_specs)):  # the worker nodes' own temp dirs
             shutil.rmtree(f"{self.temp_dir}-w{i}", ignore_errors=True)
+
+    def wait_for_jobs(self, timeout: float = 120) -> None:
+        """Until a job can be submitted: the dashboard answers before it has found the head's
+        job agent ("No available agent to submit job")."""
+        deadline = time.time() + timeout
+        while True:
+            probe = self.ray("job", "submit", "--address", self.dashboard, "--", "true",
+                             timeout=120)
+            if probe.returncode == 0 or time.time() > deadline:
+                assert probe.returncode == 0, probe.stderr[-2000:]
+                return
+            time.sleep(1)
 
     def remove(self, index: int) -> None:
         self.proc.stdin.write(f"remove {index}\n")
@@ -278,22 +291,31 @@ class MlflowServer:
 
     def __enter__(self) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
-        store = (self.postgres.__enter__() if self.postgres
-                 else f"sqlite:///{self.root / 'mlflow.db'}")
+        self.store = (self.postgres.__enter__() if self.postgres
+                      else f"sqlite:///{self.root / 'mlflow.db'}")
         self.log = self.root / "mlflow.log"
-        self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", store,
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_http(f"{self.uri}/health", self.proc, self.log)
+            self.resume()
         except BaseException:
             self.__exit__()
             raise
         return self.uri
 
-    def __exit__(self, *exc: object) -> None:
+    def resume(self) -> None:
+        """Start the server process (again, after ``pause``: same port, same store)."""
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", self.store,
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=open(self.log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(f"{self.uri}/health", self.proc, self.log)
+
+    def pause(self) -> None:
+        """Stop the server process only (its database stays): an outage, as in a redeploy."""
         stop_session(self.proc)
+
+    def __exit__(self, *exc: object) -> None:
+        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
+            stop_session(self.proc)
         if self.postgres:
             self.postgres.__exit__()

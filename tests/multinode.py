@@ -34,6 +34,12 @@ def main(spec_path: str, ready_path: str) -> None:
                                 temp_dir=f"{spec['temp_dir']}-w{i}")
                for i, w in enumerate(spec["workers"])]
     cluster.wait_for_nodes()
+    # What `ray start` writes and `ray.init(address="auto")` reads, in the head's own temp dir: a
+    # job's supervisor resolves its driver's RAY_ADDRESS from it, and without it would scan the
+    # machine's GCS processes, finding any other cluster running there.
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(cluster.gcs_address, spec["temp_dir"])
     Path(ready_path).write_text(json.dumps({
         "address": cluster.address, "dashboard": f"http://127.0.0.1:{ports['--dashboard-port']}",
         "workers": [w.node_id for w in workers], "head": cluster.head_node.node_id}))
