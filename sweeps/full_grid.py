@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from impactx_ray.defaults import DEFAULT_REPLACEMENTS, MAX_EVALS, SWEEP_MORF_IMAGES
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, disk_full_line
 from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides, positive_int
 from impactx_ray.sweep.search import SCHEDULERS, SEARCHES, SearchSpec, budget
 from impactx_ray.sweep.spaces import (
@@ -84,6 +84,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-map-worker", type=float, help="GPUs per SHAP map worker (default: "
                    "as --gpus-per-trial's default, 1 where GPUs are)")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial")
+    p.add_argument("--tracking-outage-limit", type=float, default=10.0, metavar="MIN",
+                   help="minutes the MLflow server may stay unreachable (training goes on, the "
+                   "records wait in <out>/tracking) before the sweep stops, resumable "
+                   "(default %(default)s)")
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even when trials "
                    "failed (the sweep always goes on without them)")
     p.add_argument("--strict", action="store_true", help="refuse unreadable image files in "
@@ -160,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"full_grid.py: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk under a write not made through impactx_ray.io
+        if disk_full_line(e) is None:
+            raise
+        print(f"full_grid.py: error: {disk_full_line(e)}", file=sys.stderr)
+        return 2
 
 
 def dry_run(args: argparse.Namespace, cell_list: list) -> int:
@@ -216,6 +225,7 @@ def run(args: argparse.Namespace, cell_list: list) -> int:
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial or 0.0,
         map_workers=args.map_workers, gpus_per_map_worker=args.gpus_per_map_worker,
         max_failures=args.max_failures, morf_images=morf_images,
+        tracking_outage_limit=args.tracking_outage_limit,
         name=args.name, restart=args.restart, search=args.search_spec, strict=args.strict,
         replacements=tuple(args.replacement), comparison=tuple(args.comparison), **base)
     from impactx_ray.config import RunConfig

@@ -34,6 +34,7 @@ class SweepOptions:
     name: str | None = None               # the sweep's name (default: from --out)
     restart: bool = False                 # start afresh, the old results kept aside
     strict: bool = False                  # refuse unreadable image files (default: skip, warn)
+    tracking_outage_limit: float = 10.0   # minutes MLflow may stay unreachable before a stop
     search: SearchSpec = field(default_factory=SearchSpec)  # grid (the paper's) or optuna, ±asha
     log: Callable[[str], None] = field(default=print)
 
@@ -66,7 +67,8 @@ def options_from(out: Path, cells: list[Cell], **kw: Any) -> SweepOptions:
                                ("--map-workers", "map_workers", 1),
                                ("--gpus-per-map-worker", "gpus_per_map_worker", 0.0),
                                ("--max-failures", "max_failures", 0),
-                               ("--morf-images", "morf_images", 0)):
+                               ("--morf-images", "morf_images", 0),
+                               ("--tracking-outage-limit", "tracking_outage_limit", 0.0)):
         value = kw.get(key)
         if value is not None and value < minimum:
             raise UserError(f"{flag} must be >= {minimum:g}, got {value!r}")

@@ -5,7 +5,8 @@ the MoRF/LeRF comparison of the maps with its sanity checks.
 
 Layout of ``<out>``: ``tune/<cell>-{stage1,stage2,comparison}/`` (Tune experiments, restorable),
 ``cells/<cell>/maps/<key>/`` (the winner's map store), ``cells/<cell>/{result.json,morf/}``,
-``mlflow.db`` (embedded tracking, unless ``MLFLOW_TRACKING_URI``), ``summary.{md,csv}``.
+``mlflow.db`` (embedded tracking, unless ``MLFLOW_TRACKING_URI``), ``tracking/`` (the journal of
+what was logged, sweep/journal.py), ``summary.{md,csv}``.
 Rerunning the same command resumes: finished Tune experiments are restored (finished trials are
 not rerun), the map store resumes by shard, and MLflow runs are found again by key instead of
 duplicated.
@@ -38,6 +39,8 @@ from impactx_ray.sweep.stage import METRIC, StageFailed, best, run_stage
 from impactx_ray.sweep.tracking import Tracker, artifact_location, tracking_uri
 from impactx_ray.sweep.trainables import MAP_STORE, METHOD, STAGE1_CHECKPOINT, STAGE_METHODS
 from impactx_ray.train import Split
+
+TRACKING_JOURNAL = "tracking"  # <out>/tracking: what the sweep logs, kept until MLflow has it
 
 
 def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Path,
@@ -165,9 +168,13 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
     sweep = sweep or claim_out(opts)
     opts.log(f"sweep {sweep.name}: MLflow experiment {sweep.experiment!r} at "
              f"{tracking_uri(opts.out)}")
+    # every record goes through the journal in <out>/tracking: a tracking server that goes away
+    # stops no training, and what it missed is logged once it answers (docs/sweeps.md)
     tracker = Tracker(tracking_uri(opts.out), experiment=sweep.experiment,
                       artifact_location=artifact_location(opts.out),
-                      key_prefix=sweep.key(""), tags={"impactx.sweep": sweep.name})
+                      key_prefix=sweep.key(""), tags={"impactx.sweep": sweep.name},
+                      journal=opts.out / TRACKING_JOURNAL,
+                      outage_limit_s=opts.tracking_outage_limit * 60, log=opts.log)
     sweep_run = tracker.start("sweep", f"sweep {sweep.name}")
     tracker.params(sweep_run, {"smoke": opts.smoke, "full_stage2": opts.full_stage2,
                                "cells": ",".join(c.name for c in opts.cells),
@@ -195,4 +202,5 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
     for path in paths:
         tracker.artifact(sweep_run, path)
     tracker.finish(sweep_run)
+    tracker.drain()  # every record in MLflow before the sweep says it is done
     return rows

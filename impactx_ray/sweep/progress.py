@@ -47,9 +47,11 @@ class StageProgress(tune.Callback):
     ``every`` seconds while trials run."""
 
     def __init__(self, label: str, total: int, log: Callable[[str], None] = print,
-                 every: float = 60.0, room: Room | None = None) -> None:
+                 every: float = 60.0, room: Room | None = None,
+                 behind: Callable[[], str | None] | None = None) -> None:
         self.label, self.total, self.log, self.every = label, total, log, every
         self.room = room  # the autoscaler's request for these trials, if one was made
+        self.behind = behind  # "tracking behind: ..." while MLflow does not answer
         self.start: float | None = None
         self.last_line, self.last_time = "", 0.0
 
@@ -65,6 +67,9 @@ class StageProgress(tune.Callback):
         if self.room is not None and self.room.asked_at is not None and "RUNNING" not in counts \
                 and "PENDING" in counts:  # none placed yet: the autoscaler is adding nodes
             line += f"; {self.room.waiting_line('trials', 0)}"
+        behind = self.behind() if self.behind is not None else None
+        if behind:
+            line += f"; {behind}"
         changed = line.split(";")[:2] != self.last_line.split(";")[:2]  # counts or best
         if changed or (not final and now - self.last_time >= self.every):
             self.log(line)
@@ -74,4 +79,4 @@ class StageProgress(tune.Callback):
         self.on_step_end(0, trials, final=True)
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its experiment state
-        return {**self.__dict__, "start": None, "log": print, "room": None}
+        return {**self.__dict__, "start": None, "log": print, "room": None, "behind": None}

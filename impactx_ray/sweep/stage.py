@@ -21,8 +21,9 @@ from impactx_ray.sweep.options import SweepOptions
 from impactx_ray.sweep.progress import StageProgress
 from impactx_ray.sweep.search import SearchSpec, stopped_early, tune_plan
 from impactx_ray.sweep.spaces import Cell, Space
-from impactx_ray.sweep.tracking import MLflowTrialLogger, Tracker
+from impactx_ray.sweep.tracking import Tracker, TrackingOutage
 from impactx_ray.sweep.trainables import CPUS, STAGE_METHODS, STAGE_TRAINABLES, run_config, trial_params, trial_tags
+from impactx_ray.sweep.trial_logger import MLflowTrialLogger
 
 METRIC = SELECTION_METRIC  # selection is by validation accuracy, never test accuracy
 
@@ -85,14 +86,23 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
             tune_config=tune.TuneConfig(**plan.tune_config),
             run_config=tune.RunConfig(
                 name=path.name, storage_path=str(storage), verbose=0,
-                callbacks=[logger, StageProgress(key, plan.trials, opts.log, room=room)],
+                callbacks=[logger, StageProgress(key, plan.trials, opts.log, room=room,
+                                                 behind=tracker.behind)],
                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                 # the last checkpoint holds the last epoch's state and the best weights so far
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     try:
         results = tuner.fit()
+    except Exception:
+        # the trial logger raised TrackingOutage inside Tune (which wraps it): stop in one line;
+        # Tune's state and the journal are on disk, so the same command resumes
+        if tracker.outage_exceeded():
+            raise TrackingOutage(tracker.outage_line()) from None
+        raise
     finally:
         room.release()  # the autoscaler may let idle nodes go
+    if tracker.outage_exceeded():  # Tune may have ended the stage on the callback's error
+        raise TrackingOutage(tracker.outage_line())
     outcome = StageOutcome.of(search.label, results)
     tracker.params(stage_run, {"search": outcome.search})
     tracker.metrics(stage_run, {"trials": outcome.trials, "trials_early_stopped":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
-from ray import tune
 
+from impactx_ray.errors import UserError
 from impactx_ray.pipeline.record import finite_metrics
-from impactx_ray.sweep.search import stopped_early
+from impactx_ray.sweep.journal import Journal
 
 EXPERIMENT = "impactx"
 KEY_TAG = "impactx.key"
@@ -35,6 +36,10 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # invite no selection by it.
 METRIC_PREFIXES = ("train_", "val_", "best_")
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
+# MLflow's HTTP client retries a call for about 4 minutes by default: a Tune callback must not
+# block that long. A few seconds, then the journal keeps the record (set these to override).
+SHORT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def tracking_uri(out: str | Path) -> str:
@@ -50,9 +55,10 @@ def artifact_location(out: str | Path) -> str | None:
         (Path(out) / "mlartifacts").resolve().as_uri())
 
 
-class Tracker:
-    """``pipeline.record.Recorder`` on MLflow: runs addressed by key, each found again by its
-    ``impactx.key`` tag or created on ``start``; no use of MLflow's global active-run state."""
+class MlflowRuns:
+    """Runs addressed by key on an MLflow server, each found again by its ``impactx.key`` tag or
+    created on ``start``; no use of MLflow's global active-run state. Every call goes to the
+    server at once: :class:`Tracker` puts the journal in front of it."""
 
     def __init__(self, uri: str, experiment: str = EXPERIMENT,
                  artifact_location: str | None = None, key_prefix: str = "",
@@ -126,8 +132,9 @@ class Tracker:
         for start in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[start:start + 100])
 
-    def metrics(self, key: str, metrics: Mapping[str, Any], step: int = 0) -> None:
-        now = int(time.time() * 1000)
+    def metrics(self, key: str, metrics: Mapping[str, Any], step: int = 0,
+                time_ms: int | None = None) -> None:
+        now = int(time.time() * 1000) if time_ms is None else time_ms
         batch = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
         if batch:
             self.client.log_batch(self.id_of(key), metrics=batch)
@@ -135,9 +142,9 @@ class Tracker:
     def tags(self, key: str, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.id_of(key), tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def finish(self, key: str, ok: bool = True) -> None:
+    def finish(self, key: str, ok: bool = True, time_ms: int | None = None) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-        self.client.set_terminated(self.id_of(key), status=status)
+        self.client.set_terminated(self.id_of(key), status=status, end_time=time_ms)
 
     def artifact(self, key: str, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.id_of(key), str(path), artifact_path=folder)
@@ -156,71 +163,189 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
 
 
-class MLflowTrialLogger(tune.Callback):
-    """Tune callback (driver side): one MLflow run per trial, params, per-epoch metrics, status."""
+class TrackingOutage(UserError):
+    """The tracking server stayed unreachable past the outage limit: the sweep stops, resumable."""
 
-    def __init__(self, tracker: Tracker, stage_key: str, parent: str,  # the stage run's key
-                 param_keys: tuple[str, ...],
-                 params_of: Callable[[dict[str, Any]], dict[str, Any]],
-                 tags_of: Callable[[dict[str, Any]], dict[str, str]],
-                 sampled: bool = False) -> None:
-        self.tracker, self.stage_key, self.parent = tracker, stage_key, parent
-        self.param_keys = param_keys  # the grid's keys: they name the trial
-        self.params_of = params_of    # a trial's config -> the params it varies or uses
-        self.tags_of = tags_of        # a trial's config -> its tags (cell, stage, method)
-        # A sampled search (Optuna) can draw one point twice: its trials are told apart by id.
-        self.sampled = sampled
-        self.runs: dict[str, str] = {}
-        self.placed: dict[str, str] = {}  # trial id -> the node its run is tagged with
 
-    def trial_key(self, config: dict[str, Any], trial_id: str = "") -> str:
-        point = ",".join(f"{k}={config[k]}" for k in self.param_keys)
-        return f"{self.stage_key}/{point}" + (f"#{trial_id}" if self.sampled else "")
+class Tracker:
+    """``pipeline.record.Recorder`` on MLflow, through the journal (sweep/journal.py): every
+    record is kept on disk first, then applied in order; while the server is unreachable the
+    records wait (retried every ``RETRY_S``), the sweep goes on, and nothing blocks a Tune callback
+    for more than MLflow's short client timeouts. Past ``outage_limit_s`` the next record raises
+    :class:`TrackingOutage`. Without ``journal`` every call goes to MLflow at once."""
 
-    def _run(self, trial: Any) -> str:
-        """The trial's run key, its run started (with params and tags) on first use."""
-        if trial.trial_id not in self.runs:
-            name = ", ".join(f"{k}={trial.config[k]}" for k in self.param_keys)
-            key = self.tracker.start(self.trial_key(trial.config, trial.trial_id), name,
-                                     parent=self.parent)
-            self.tracker.params(key, self.params_of(trial.config))
-            self.tracker.tags(key, {**self.tags_of(trial.config), "impactx.trial_id": trial.trial_id})
-            self.runs[trial.trial_id] = key
-        return self.runs[trial.trial_id]
+    RETRY_S = float(os.environ.get("IMPACTX_TRACKING_RETRY_S", 15))
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run(trial)
+    def __init__(self, uri: str, experiment: str = EXPERIMENT,
+                 artifact_location: str | None = None, key_prefix: str = "",
+                 tags: dict[str, str] | None = None, journal: str | Path | None = None,
+                 outage_limit_s: float = 600.0, log: Callable[[str], None] = print) -> None:
+        if uri.startswith(("http://", "https://")):
+            for name, value in SHORT_HTTP.items():  # a few seconds per call, not 4 minutes
+                os.environ.setdefault(name, value)
+        self.runs = MlflowRuns(uri, experiment, artifact_location, key_prefix, tags)
+        self.uri, self.journal_dir = uri, Path(journal).resolve() if journal else None
+        self.outage_limit_s, self.log = outage_limit_s, log
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        ours = {k: v for k, v in result.items() if k.startswith(METRIC_PREFIXES)}
-        key = self._run(trial)
-        self.tracker.metrics(key, ours, step=step)
-        node = result.get("node_id")
-        if node and self.placed.get(trial.trial_id) != node:  # where it runs (a retry: the new node)
-            self.tracker.tags(key, {NODE_TAG: node, "impactx.host": result.get("hostname", "-")})
-            self.placed[trial.trial_id] = node
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its experiment state
+        return {**self.__dict__, "log": print}
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        key = self._run(trial)
-        history = Path(trial.checkpoint.path) / "history.json" if trial.checkpoint else None
-        if history is not None and history.is_file():
-            self.tracker.artifact(key, history)  # every epoch's metrics, as the trial saw them
-        # A trial the scheduler (ASHA) stopped ends without its final report: finished, not
-        # failed, its per-epoch curves kept, and tagged so it can be filtered in the UI.
-        last = trial.last_result or {}
-        self.tracker.tags(key, {EARLY_STOPPED_TAG: str(stopped_early(last)).lower(),
-                                "impactx.epochs_run": last.get("epoch", "-")})
-        self.tracker.finish(key, ok=True)
+    @property
+    def journal(self) -> Journal | None:
+        return Journal.at(self.journal_dir) if self.journal_dir else None
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        key = self._run(trial)
-        self.tracker.tags(key, {"impactx.error": str(trial.error_file or "see Tune logs")})
-        self.tracker.finish(key, ok=False)
+    # -- the Recorder calls: each one record --------------------------------------------------
+    def start(self, key: str, name: str, parent: str | None = None) -> str:
+        self._record({"op": "start", "key": key, "name": name, "parent": parent})
+        return key
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "runs": {}, "placed": {}}
+    def params(self, key: str, params: Mapping[str, Any]) -> None:
+        self._record({"op": "params", "key": key, "params": {k: str(v) for k, v in params.items()}})
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"placed": {}, **state})  # loggers pickled by earlier versions
+    def metrics(self, key: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+        self._record({"op": "metrics", "key": key, "metrics": finite_metrics(metrics),
+                      "step": step, "time": int(time.time() * 1000)})
+
+    def tags(self, key: str, tags: Mapping[str, Any]) -> None:
+        self._record({"op": "tags", "key": key, "tags": {k: str(v) for k, v in tags.items()}})
+
+    def finish(self, key: str, ok: bool = True) -> None:
+        self._record({"op": "finish", "key": key, "ok": ok, "time": int(time.time() * 1000)})
+
+    def artifact(self, key: str, path: str | Path, folder: str | None = None) -> None:
+        kept = self.journal.keep_file(path) if self.journal else str(path)
+        self._record({"op": "artifact", "key": key, "path": kept, "folder": folder,
+                      "name": Path(path).name})
+
+    def model(self, key: str, model: Any, name: str = "model") -> None:
+        import torch
+
+        if self.journal is None:
+            self.runs.model(key, model, name)
+            return
+        target = self.journal.root / "files" / f"model-{len(self.journal.pending())}-{os.getpid()}.pt"
+        target.parent.mkdir(exist_ok=True)
+        torch.save(model.cpu(), target)  # pickled whole, as mlflow.pytorch logs it
+        self._record({"op": "model", "key": key, "path": str(target), "name": name})
+
+    def id_of(self, key: str) -> str:
+        self.flush(force=True)
+        return self.runs.id_of(key)
+
+    # -- the journal ---------------------------------------------------------------------------
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.journal is None:
+            self._apply(record)
+            return
+        self.journal.append(record)
+        self.flush()
+
+    def _apply(self, r: dict[str, Any]) -> None:
+        op, key = r["op"], r["key"]
+        if op == "start":
+            self.runs.start(key, r["name"], parent=r["parent"])
+        elif op == "params":
+            self.runs.params(key, r["params"])
+        elif op == "metrics":
+            self.runs.metrics(key, r["metrics"], step=r["step"], time_ms=r["time"])
+        elif op == "tags":
+            self.runs.tags(key, r["tags"])
+        elif op == "finish":
+            self.runs.finish(key, ok=r["ok"], time_ms=r["time"])
+        elif op == "artifact":
+            self.runs.artifact(key, _named(r["path"], r["name"]), r["folder"])
+        elif op == "model":
+            import torch
+
+            self.runs.model(key, torch.load(r["path"], weights_only=False), r["name"])
+        else:
+            raise ValueError(f"unknown tracking record {op!r}")
+
+    def flush(self, force: bool = False) -> None:
+        """Apply the waiting records in order; while MLflow is unreachable, try again only every
+        ``RETRY_S`` (``force``: now). Raises TrackingOutage past the outage limit."""
+        journal = self.journal
+        if journal is None or not journal.pending():
+            return
+        now = time.monotonic()
+        if journal.behind_since is not None and not force and now - journal.last_try < self.RETRY_S:
+            return
+        journal.last_try = now
+        while journal.pending():
+            try:
+                self._apply(journal.pending()[0])
+            except Exception as e:
+                if server_answers(self.uri):
+                    raise  # not an outage: a bug or a bad record, shown as it is
+                self._behind(e)
+                return
+            journal.mark_applied()
+        if journal.behind_since is not None:
+            self.log(f"tracking: MLflow at {self.uri} answers again after "
+                     f"{(now - journal.behind_since) / 60:.0f} min; every kept record is logged")
+            journal.behind_since = None
+
+    def _behind(self, err: Exception) -> None:
+        now, journal = time.monotonic(), self.journal
+        if journal.behind_since is None:
+            journal.behind_since = now
+            self.log(f"tracking: MLflow at {self.uri} does not answer ({_one_line(err)}); training "
+                     f"goes on, the records wait in {self.journal.path} and are logged once it "
+                     f"answers (limit {self.outage_limit_s / 60:g} min)")
+        if self.outage_exceeded():
+            raise TrackingOutage(self.outage_line())
+
+    def outage_exceeded(self) -> bool:
+        since = self.journal.behind_since if self.journal else None
+        return since is not None and time.monotonic() - since > self.outage_limit_s
+
+    def outage_line(self) -> str:
+        waited = (time.monotonic() - (self.journal.behind_since or time.monotonic())) / 60
+        return (f"MLflow at {self.uri} has not answered for {waited:.0f} min (the limit, "
+                f"--tracking-outage-limit); stopped: {len(self.journal.pending())} records wait in "
+                f"{self.journal.path}, logged when the same command is run again")
+
+    def behind(self) -> str | None:
+        """For the progress line: ``tracking behind: 12 records waiting for MLflow (4 min)``."""
+        if self.journal is None or self.journal.behind_since is None:
+            return None
+        return (f"tracking behind: {len(self.journal.pending())} records waiting for MLflow "
+                f"({(time.monotonic() - self.journal.behind_since) / 60:.0f} min)")
+
+    def drain(self) -> None:
+        """Wait until every record is logged (the sweep's end): retried every ``RETRY_S`` up to
+        the outage limit, then TrackingOutage."""
+        while self.journal is not None and self.journal.pending():
+            self.flush(force=True)
+            if self.journal.pending():
+                self.log(self.behind())
+                time.sleep(self.RETRY_S)
+
+
+def server_answers(uri: str) -> bool:
+    """Whether the tracking server answers its health check (a non-HTTP store always does)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=3) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _named(path: str, name: str) -> str:
+    """``path`` (a journal copy ``00000012-history.json``) under its original ``name``, which is
+    the name MLflow shows."""
+    if Path(path).name == name:
+        return path
+    target = Path(path).parent / f"{Path(path).stem}.d" / name
+    target.parent.mkdir(exist_ok=True)
+    shutil.copy2(path, target)
+    return str(target)
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
