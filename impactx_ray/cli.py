@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from impactx_ray.defaults import DEFAULT_REPLACEMENTS, MORF_IMAGES
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, disk_full_line
 from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides, positive_int
 
 EXIT_USAGE = 2
@@ -199,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         run_command(args)
     except UserError as e:
         print(f"impactx: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a full disk under a write not made through impactx_ray.io
+        if disk_full_line(e) is None:
+            raise
+        print(f"impactx: error: {disk_full_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("impactx: interrupted; finished checkpoints and map shards are kept, rerun to resume",

@@ -9,6 +9,7 @@ temporary file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -17,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from impactx_ray.errors import UserError
+from impactx_ray.errors import UserError, disk_full
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -38,10 +39,16 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, exclusive: bool = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # a partial file would hold the space it could not get
+        if e.errno == errno.ENOSPC:
+            raise disk_full(path, len(data)) from None
+        raise
     try:
         if not exclusive:
             os.replace(tmp, path)

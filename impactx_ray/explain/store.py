@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from impactx_ray.errors import UserError, is_int
+from impactx_ray.errors import DiskFull, UserError, disk_full, is_int
 from impactx_ray.io import file_sha256, write_bytes
 
 FORMAT = "impactx-ray-mapstore"
@@ -262,7 +262,12 @@ class MapStore:
         np.save(buf, np.ascontiguousarray(maps), allow_pickle=False)
         data = buf.getvalue()
         self._sidecar(i).unlink(missing_ok=True)
-        write_bytes(self._npy(i), data)
+        try:
+            write_bytes(self._npy(i), data)
+        except DiskFull:  # say what the store still needs, not only this shard
+            todo = len(self.missing_shards(verify=False))
+            raise disk_full(self._npy(i), todo * len(data),
+                            f"the {todo} map shards still to write") from None
         info = {
             "store_id": self.manifest["store_id"],
             "index": i,

@@ -50,8 +50,13 @@ class SweepIdentity:
         return f"{self.id}/{key}" if self.id else key
 
 
+# Where the data is read from, not what the sweep computes: a resubmitted Ray job's default
+# ./data resolves in a new temporary working directory, and data moved to another mount resumes.
+WHERE_NOT_WHAT = ("data_root", "download")
+
+
 def _differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(asked))
+    keys = sorted((set(saved) | set(asked)) - set(WHERE_NOT_WHAT))
     return [f"{k}={saved.get(k)!r} (asked: {asked.get(k)!r})" for k in keys
             if saved.get(k) != asked.get(k)]
 
