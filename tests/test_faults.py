@@ -52,7 +52,7 @@ def test_an_mlflow_outage_during_stage_1_loses_no_record(tmp_path):
             time.sleep(0.5)
         down_at = time.monotonic()
         server.pause()
-        time.sleep(30)  # MLflow's client gives up on a call after ~3 s with the sweep's settings
+        time.sleep(12)  # MLflow's client gives up on a call after ~3 s with the sweep's settings
         during = len(journal_records(out))
         server.resume()
         down_for = time.monotonic() - down_at

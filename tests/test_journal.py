@@ -64,3 +64,23 @@ def test_an_unreachable_server_blocks_no_caller_and_stops_in_one_line_past_the_l
         tracker.flush(force=True)
     line = str(e.value)
     assert "\n" not in line and "has not answered for" in line and "3 records wait in" in line
+
+
+@pytest.mark.slow
+def test_a_record_the_server_refuses_is_said_and_skipped(tmp_path):
+    """A param name MLflow refuses: one line, and the records after it are logged
+    (kept at the head of the journal, it would stop every later record, on every resume)."""
+    from mlflow import MlflowClient
+
+    from impactx_ray.sweep.tracking import Tracker
+
+    said = []
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, experiment="t", journal=tmp_path / "j", log=said.append)
+    tracker.start("run", "run")
+    tracker.params("run", {"bad!name": 1})  # MLflow allows letters, digits and _-. :/ only
+    tracker.metrics("run", {"acc": 0.5}, step=1)
+    assert len(said) == 1 and said[0].startswith("tracking: MLflow refused a record (params of "
+                                                 "run run): ") and said[0].endswith("; skipped")
+    assert tracker.journal.pending() == []
+    assert MlflowClient(uri).get_run(tracker.id_of("run")).data.metrics == {"acc": 0.5}

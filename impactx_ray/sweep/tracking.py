@@ -172,7 +172,8 @@ class Tracker:
     record is kept on disk first, then applied in order; while the server is unreachable the
     records wait (retried every ``RETRY_S``), the sweep goes on, and nothing blocks a Tune callback
     for more than MLflow's short client timeouts. Past ``outage_limit_s`` the next record raises
-    :class:`TrackingOutage`. Without ``journal`` every call goes to MLflow at once."""
+    :class:`TrackingOutage`. A record the answering server refuses is said and skipped. Without
+    ``journal`` every call goes to MLflow at once."""
 
     RETRY_S = float(os.environ.get("IMPACTX_TRACKING_RETRY_S", 15))
 
@@ -272,13 +273,17 @@ class Tracker:
             return
         journal.last_try = now
         while journal.pending():
+            record = journal.pending()[0]
             try:
-                self._apply(journal.pending()[0])
+                self._apply(record)
             except Exception as e:
-                if server_answers(self.uri):
-                    raise  # not an outage: a bug or a bad record, shown as it is
-                self._behind(e)
-                return
+                if not server_answers(self.uri):
+                    self._behind(e)
+                    return
+                # The server answers but refuses this record (a value over MLflow's limits, say):
+                # said and skipped, or it would stop every later record, on every resume too.
+                self.log(f"tracking: MLflow refused a record ({record['op']} of run "
+                         f"{record['key']}): {_one_line(e)}; skipped")
             journal.mark_applied()
         if journal.behind_since is not None:
             self.log(f"tracking: MLflow at {self.uri} answers again after "
