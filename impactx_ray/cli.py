@@ -1,5 +1,5 @@
 """The ``impactx`` command: ``run`` does every step; ``stage1``/``explain``/``stage2``/``evaluate``
-redo one step on an existing run directory.
+redo one step on an existing run directory; ``predict`` and ``serve`` use what was trained.
 
 Bad input never produces a traceback: ``UserError`` (and argparse's own complaints) become one
 line on stderr and exit status 2, and every check runs before anything is written.
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                            argument_default=argparse.SUPPRESS)
         if name == "report":
             p.add_argument("--out", type=Path, required=True, help="run or sweep directory")
+            add_use_commands(sub)
             continue
         p.add_argument("--out", type=Path, required=name != "run", default=Path("runs/default")
                        if name == "run" else argparse.SUPPRESS, help="run directory")
@@ -71,6 +72,57 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stage2":
             p.add_argument("--maps", type=Path, help="map store to use instead of the run's own")
     return parser
+
+
+def add_use_commands(sub: Any) -> None:
+    """``predict`` and ``serve``: a trained model on images (docs/usage.md, "Use the trained model")."""
+    from impactx_ray.methods import METHODS
+
+    methods = tuple(m for m in METHODS)
+    p = sub.add_parser("predict", help="class, probabilities and the method's own map of image files",
+                       description="class, probabilities and the method's own map of image files, "
+                       "into <to>/predictions.csv, maps/*.npy and overlays/*.png")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders of them")
+    p.add_argument("--out", type=Path, required=True, help="the run directory whose model predicts")
+    p.add_argument("--method", choices=methods, default="impactx", help="which trained model (default impactx)")
+    p.add_argument("--to", type=Path, help="where to write (default <out>/predictions/<method>)")
+    p.add_argument("--shap", action="store_true", help="add the SHAP map of the same model's predicted class "
+                   "(the run's explainer settings, batched engine) beside the method's own")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("serve", help="serve a trained model over HTTP on Ray Serve",
+                       description="serve a run's model or a registered MLflow model over HTTP on Ray Serve "
+                       "(POST image bytes or a JSON array; JSON class, probabilities and map back)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--out", type=Path, help="a run directory (with --method)")
+    which.add_argument("--model", help="a registered model, e.g. models:/impactx-lenet5-digits-impactx/1")
+    p.add_argument("--method", choices=methods, default="impactx", help="with --out: which model (default impactx)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
+    p.add_argument("--replicas", type=positive_int, default=1, help="model replicas (default 1)")
+    p.add_argument("--max-batch-size", type=positive_int, default=32,
+                   help="requests batched into one forward call at most (default 32)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long a request waits for others to batch with (default 10 ms)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs per replica (default 0)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when the replica has one), cpu, cuda")
+
+
+def predict_command(args: argparse.Namespace) -> None:
+    from impactx_ray.explain import ExplainSettings
+    from impactx_ray.predict import run_predictor
+    from impactx_ray.predict.files import predict_files
+    from impactx_ray.rundir import RunDir
+    from impactx_ray.train import resolve_device
+
+    predictor = run_predictor(args.out, args.method, resolve_device(args.device))
+    to = args.to or args.out / "predictions" / args.method
+    shap = None
+    if args.shap:
+        shap = ExplainSettings.from_config(RunDir(args.out).load_config({})).explainer_kwargs(predictor.image_size)
+    pred = predict_files(predictor, args.inputs, to, shap=shap, progress=not args.quiet)
+    print(f"{predictor.describe()}: {len(pred)} images -> {to / 'predictions.csv'}"
+          + (f", maps and overlays in {to}" if pred.maps is not None or shap else ""))
 
 
 def _print_result(result: dict[str, Any], out: Path) -> None:
@@ -145,7 +197,12 @@ def execute(run: Any, args: argparse.Namespace) -> None:
         if getattr(args, "training", "two-stage") == "single-stage":
             methods = tuple(dict.fromkeys("impactx_single" if m == "impactx" else m
                                           for m in methods))
-        _print_result(run.run_all(methods), out)
+        result = run.run_all(methods)
+        _print_result(result, out)
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # the models, registered (docs/usage.md)
+            from impactx_ray.serve.registry import register_run
+
+            register_run(out, run.cfg, result, run.data[1].images)
         return
     checkpoint = getattr(args, "checkpoint", None)
     if args.command == "explain":
@@ -167,6 +224,14 @@ def execute(run: Any, args: argparse.Namespace) -> None:
 
 
 def run_command(args: argparse.Namespace) -> None:
+    if args.command == "predict":
+        predict_command(args)
+        return
+    if args.command == "serve":
+        from impactx_ray.serve.command import serve_command
+
+        serve_command(args)
+        return
     out: Path = args.out
     if args.command == "report":
         from impactx_ray.report import report

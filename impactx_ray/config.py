@@ -166,3 +166,9 @@ def check_int(flag: str, value: Any, *, minimum: int) -> None:
 def _check_positive(flag: str, value: Any) -> None:
     if not _is_number(value) or not math.isfinite(value) or value <= 0:
         raise UserError(f"{flag} must be a number > 0, got {value!r}")
+
+
+def cell_name(model: str, dataset: str) -> str:
+    """A (model, dataset) pair's name in directories, runs and registered models, e.g.
+    lenet5-digits (dataset names may be imagefolder:PATH: kept clean)."""
+    return f"{model}-{dataset.replace(':', '_').replace('/', '_')}"

@@ -205,7 +205,8 @@ def checkpoint_meta(method: Method, cfg: RunConfig, data: ImageData, *,
     if method.builds_on_stage1 and stage1_hash is None:
         raise ValueError(f"{method.name} is built on a stage-1 model: pass its stage1_hash")
     meta: dict[str, Any] = {"kind": method.name, "model": cfg.model,
-                            "num_classes": data.num_classes, "image_size": list(data.image_size),
+                            "num_classes": data.num_classes, "classes": list(data.classes),
+                            "image_size": list(data.image_size),
                             "channels": int(data.images.shape[1]),
                             "config": cfg.subset(method.settings), **dict(method.meta)}
     if stage1_hash is not None:

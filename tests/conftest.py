@@ -30,3 +30,16 @@ def submitted_sweep(tmp_path_factory):
 
     with SubmittedSweep(tmp_path_factory.mktemp("submitted-sweep")) as sweep:
         yield sweep
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A run directory trained once per session (LeNet-5 on digits, 3 + 3 epochs, 64-evaluation
+    maps) with IMPACTX, ABN and WAE, for the tests that use a trained model (predict, serve)."""
+    from impactx_ray.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    code = main(["run", "--out", str(out), "--model", "lenet5", "--dataset", "digits", "--epochs", "3",
+                 "--stage2-epochs", "3", "--max-evals", "64", "--method", "impactx", "abn", "wae", "--quiet"])
+    assert code == 0
+    return out

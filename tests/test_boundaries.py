@@ -36,10 +36,12 @@ ALLOWED = {
                       "report", "pipeline"},
     "flags": BASE,
     "lock": {"errors", "defaults"},
+    "predict": BASE | {"data", "models", "config", "train", "explain", "methods", "rundir"},
+    "serve": BASE | {"data", "config", "methods", "rundir", "predict", "explain"},
     "sweep": BASE | {"data", "models", "config", "train", "explain", "eval", "methods", "checks",
-                     "lock", "report", "pipeline", "capacity"},
+                     "lock", "report", "pipeline", "capacity", "serve"},
     "cli": BASE | {"data", "config", "flags", "methods", "rundir", "runner", "sweep", "lock",
-                   "report"},
+                   "report", "predict", "serve", "train", "explain"},
     "__main__": {"cli"},
     "__init__": BASE,
 }
@@ -131,7 +133,8 @@ def test_no_import_cycle():
 
 PLAIN = ["impactx_ray.models", "impactx_ray.train", "impactx_ray.explain", "impactx_ray.eval",
          "impactx_ray.eval.compare", "impactx_ray.methods", "impactx_ray.report",
-         "impactx_ray.pipeline", "impactx_ray.runner", "impactx_ray.cli"]
+         "impactx_ray.pipeline", "impactx_ray.runner", "impactx_ray.cli", "impactx_ray.predict",
+         "impactx_ray.predict.files", "impactx_ray.serve"]
 
 
 def test_plain_modules_import_neither_ray_nor_mlflow():
@@ -152,10 +155,12 @@ def _importers(package: str) -> list[str]:
                          for n in ast.walk(ast.parse(p.read_text()))))
 
 
-def test_mlflow_is_imported_only_by_tracking():
-    assert _importers("mlflow") == ["sweep/tracking.py"]
+def test_mlflow_is_imported_only_by_tracking_and_the_registry():
+    # serving loads a registered model through MLflow (serve/deployment.py, lazily)
+    assert _importers("mlflow") == ["serve/deployment.py", "serve/pyfunc_code.py", "serve/registry.py",
+                                    "sweep/tracking.py"]
 
 
-def test_ray_is_imported_only_by_the_actors_the_capacity_and_the_sweep():
-    assert all(p in ("explain/actors.py", "capacity.py") or p.startswith("sweep/")
-               for p in _importers("ray"))
+def test_ray_is_imported_only_by_the_actors_the_capacity_the_sweep_and_serving():
+    assert all(p in ("explain/actors.py", "capacity.py", "serve/deployment.py", "serve/command.py")
+               or p.startswith("sweep/") for p in _importers("ray"))

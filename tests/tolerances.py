@@ -62,3 +62,13 @@ def sum_atol(maps: np.ndarray, logit_scale: float, ulps: float = LOGIT_ULPS) -> 
     n = maps[0].size
     total = float(np.abs(maps).reshape(len(maps), -1).sum(axis=1).max())  # max over maps of Σ|m|
     return 2 * ulps * U32 * logit_scale + (1 + int(np.ceil(np.log2(n)))) * U32 * total
+
+
+def assert_batch_close(got: np.ndarray, ref: np.ndarray, ulps: float = LOGIT_ULPS) -> None:
+    """A model output (probabilities, a decoder's map) recomputed in another batch composition:
+    within ``ulps`` units of u·max|ref| of it, as a logit is (LOGIT_ULPS above)."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    atol = ulps * U32 * float(np.abs(ref).max())
+    err = float(np.abs(got - ref).max())
+    assert err <= atol, f"max |Δ| {err:.3g} > {atol:.3g} ({ulps} ulps of max |ref|)"

@@ -6,6 +6,7 @@ the SHAP maps as training data (per-image scaling, decoder targets, per-class me
 
 from impactx_ray.data.datasets import (
     BUILTIN_DATASETS,
+    UNREADABLE,
     ImageData,
     check_data_present,
     check_dataset_name,
@@ -15,6 +16,7 @@ from impactx_ray.data.datasets import (
     digits_split_indices,
     fingerprint,
     load_dataset,
+    read_image,
 )
 from impactx_ray.data.maps import class_mean_maps, map_targets, scale_maps
 from impactx_ray.data.split import train_val_split, validation_size
@@ -31,7 +33,9 @@ __all__ = [
     "dataset_num_classes",
     "digits_split_indices",
     "fingerprint",
+    "UNREADABLE",
     "load_dataset",
+    "read_image",
     "map_targets",
     "relaxed_checksums",
     "scale_maps",

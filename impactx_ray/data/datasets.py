@@ -175,14 +175,29 @@ _UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.er
                Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
-def _read_image(path: str, tf: Any) -> torch.Tensor:
-    """One image file as uint8 3×S×S. PIL's decompression-bomb limit is kept, and its warning
-    (over ``Image.MAX_IMAGE_PIXELS``, before the hard error at twice that) counts as refusal."""
+UNREADABLE = _UNREADABLE  # for readers of single files (``impactx predict``, ``impactx serve``)
+
+
+def _read_image(path: Any, tf: Any) -> torch.Tensor:
+    """One image (a path, or a binary file object) as uint8 3×S×S. PIL's decompression-bomb
+    limit is kept, and its warning (over ``Image.MAX_IMAGE_PIXELS``, before the hard error at
+    twice that) counts as refusal."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             rgb = img.convert("RGB")  # decodes every byte: a truncated file fails here
     return tf(rgb)
+
+
+def read_image(source: Any, size: tuple[int, int]) -> torch.Tensor:
+    """One image file (a path or a binary file object) as uint8 3×H×W at ``size``, made the way
+    imagefolder training images are: decoded to RGB, resized (PIL bilinear, antialiased; an
+    image already at ``size`` is kept as is). Raises one of :data:`UNREADABLE` when PIL cannot
+    decode it."""
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.Resize(size), transforms.PILToTensor()])
+    return _read_image(source, tf)
 
 
 def _read_imagefolder(folder: Path, image_size: int, classes: list[str], *, strict: bool,

@@ -31,6 +31,7 @@ from impactx_ray.methods import METHODS, ModelSpec, load_model, load_stage1
 from impactx_ray.pipeline import MapsDone, result_row, stage1_maps
 from impactx_ray.pipeline.record import record_evaluation
 from impactx_ray.report import write_summary
+from impactx_ray.serve import registered_name
 from impactx_ray.sweep.identity import SweepIdentity, claim
 from impactx_ray.sweep.morf_task import morf_task
 from impactx_ray.sweep.options import SweepOptions
@@ -60,16 +61,26 @@ def compute_maps(opts: SweepOptions, cfg: RunConfig, cell: Cell, checkpoint: Pat
                        progress=True, workers_flag="--map-workers")
 
 
-def log_winner(tracker: Tracker, stage_run: str, params: dict, metrics: dict, model: Any) -> None:
-    """A stage's parent run carries its best child's params and metrics, and its model."""
+def log_winner(tracker: Tracker, stage_run: str, params: dict, metrics: dict) -> None:
+    """A stage's parent run carries its best child's params and metrics."""
     tracker.params(stage_run, {f"best_{k}": v for k, v in params.items()})
     tracker.metrics(stage_run, {k: v for k, v in metrics.items()
                                 if k.startswith(("best_", "test_", "val_"))})
-    tracker.model(stage_run, model)
-    tracker.finish(stage_run)
 
 
-def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -> dict[str, Any]:
+def register_winner(tracker: Tracker, run: str, cell: Cell, method: str, checkpoint: Path,
+                    metrics: dict, test: ImageData, sweep_name: str) -> None:
+    """The winner of ``method`` in ``cell`` as a registered pyfunc model (a new version of
+    ``impactx-<cell>-<method>`` per sweep), logged in its stage's run ``run``."""
+    example = test.images[:2].permute(0, 2, 3, 1).numpy()  # 2×3×H×W -> 2×H×W×3, the model's input
+    tracker.register(run, checkpoint, registered_name(cell.name, method), example,
+                     {"impactx.sweep": sweep_name, "impactx.cell": cell.name, "impactx.method": method,
+                      "test_accuracy": metrics["test_accuracy"], "val_accuracy": metrics[METRIC],
+                      "impactx.checkpoint": checkpoint.resolve()})
+
+
+def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str,
+             sweep_name: str) -> dict[str, Any]:
     cell_run = tracker.start(cell.name, cell.name, parent=sweep_run)
     tracker.tags(cell_run, {"impactx.cell": cell.name})
     base = RunConfig.from_dict({**opts.base, "model": cell.model, "dataset": cell.dataset})
@@ -100,7 +111,10 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     warnings = data_warnings + found
     if warnings:
         tracker.tags(cell_run, {"impactx.warnings": "\n".join(warnings)})
-    log_winner(tracker, s1_run, p1, m1, load_stage1(ckpt1, spec))
+    load_stage1(ckpt1, spec)  # a winner that does not load stops the cell here
+    log_winner(tracker, s1_run, p1, m1)
+    register_winner(tracker, s1_run, cell, "baseline", Path(ckpt1), m1, test, sweep_name)
+    tracker.finish(s1_run)
 
     # Stage 2 and the comparison methods read the stage-1 winner and its map store.
     on_winner = {**base_dict, STAGE1_CHECKPOINT: str(ckpt1), MAP_STORE: str(store_path)}
@@ -110,7 +124,10 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     p2, m2, ckpt2 = best(s2, tuple(space2.grid))
     opts.log(f"{cell.name} stage 2 winner: {p2} val acc {m2[METRIC]:.4f} "
              f"test acc {m2['test_accuracy']:.4f}")
-    log_winner(tracker, s2_run, p2, m2, load_model(ckpt2, spec, METHODS["impactx"])[0])
+    load_model(ckpt2, spec, METHODS["impactx"])
+    log_winner(tracker, s2_run, p2, m2)
+    register_winner(tracker, s2_run, cell, "impactx", Path(ckpt2), m2, test, sweep_name)
+    tracker.finish(s2_run)
 
     # ABN and WAE (single-stage IMPACTX, if asked) with the stage-1 winner's hyperparameters;
     # single-stage IMPACTX takes stage 2's λ (the other two have none).
@@ -120,6 +137,9 @@ def run_cell(opts: SweepOptions, tracker: Tracker, cell: Cell, sweep_run: str) -
     others = {r.config[METHOD]: r for r in s3 if r.error is None and r.checkpoint is not None}
     tracker.metrics(s3_run, {f"{m}_test_accuracy": r.metrics["test_accuracy"]
                              for m, r in others.items()})
+    for m, r in others.items():
+        register_winner(tracker, s3_run, cell, m, Path(r.checkpoint.path) / CHECKPOINT_FILE,
+                        r.metrics, test, sweep_name)
     tracker.finish(s3_run)
 
     summary = None
@@ -183,7 +203,7 @@ def run_sweep(opts: SweepOptions, sweep: SweepIdentity | None = None) -> list[di
     rows = []
     for cell in opts.cells:
         try:
-            rows.append(run_cell(opts, tracker, cell, sweep_run))
+            rows.append(run_cell(opts, tracker, cell, sweep_run, sweep.name))
         except StageFailed as e:
             opts.log(f"{cell.name}: stopped: {e}; the sweep goes on with the other cells")
             tracker.finish(tracker.start(cell.name, cell.name, parent=sweep_run), ok=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import product
 
+from impactx_ray.config import cell_name
+
 # Table 1. Learning rates come from integer steps (1 + 5·i)/10000 — never a float arange, whose
 # rounding would make grid points like 0.0036000000000000003.
 BATCH_SIZES = (16, 32, 64)
@@ -66,8 +68,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        # dataset names may be imagefolder:PATH: keep directory and run names clean
-        return f"{self.model}-{self.dataset.replace(':', '_').replace('/', '_')}"
+        return cell_name(self.model, self.dataset)
 
 
 def cells(models: tuple[str, ...] = PAPER_MODELS,

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
 from impactx_ray.errors import UserError
+from impactx_ray.io import write_npy
 from impactx_ray.pipeline.record import finite_metrics
 from impactx_ray.sweep.journal import Journal
 
@@ -149,9 +150,16 @@ class MlflowRuns:
     def artifact(self, key: str, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.id_of(key), str(path), artifact_path=folder)
 
+    def register(self, key: str, checkpoint: str | Path, name: str, example: Any,
+                 tags: Mapping[str, Any]) -> str:
+        """``checkpoint`` as a pyfunc model in ``key``'s run, registered as ``name`` (serve/registry.py)."""
+        from impactx_ray.serve.registry import register
+
+        return register(checkpoint, self.id_of(key), name, example, dict(tags), self.uri)
+
     def model(self, key: str, model: Any, name: str = "model") -> None:
-        """Log a torch model with ``mlflow.pytorch``: pickled whole (``mlflow.pytorch.load_model``
-        needs impactx-ray importable), requirements given rather than inferred."""
+        """Log a torch model with ``mlflow.pytorch`` (pickled whole): only for ``model`` records
+        of journals written before models were registered as pyfunc models (2026-12)."""
         run_id = self.id_of(key)
         mlflow.set_tracking_uri(self.uri)
         # The pickle format is chosen knowingly (pt2 cannot export every timm model); mute the
@@ -218,16 +226,19 @@ class Tracker:
         self._record({"op": "artifact", "key": key, "path": kept, "folder": folder,
                       "name": Path(path).name})
 
-    def model(self, key: str, model: Any, name: str = "model") -> None:
-        import torch
-
+    def register(self, key: str, checkpoint: str | Path, name: str, example: Any,
+                 tags: Mapping[str, Any]) -> None:
+        """Log ``checkpoint`` as a pyfunc model in ``key``'s run and register it as ``name``, a
+        new version tagged ``tags``; ``example`` is the input example (uint8 N×H×W×3)."""
+        tags = {k: str(v) for k, v in tags.items()}
         if self.journal is None:
-            self.runs.model(key, model, name)
+            self.runs.register(key, checkpoint, name, example, tags)
             return
-        target = self.journal.root / "files" / f"model-{len(self.journal.pending())}-{os.getpid()}.pt"
-        target.parent.mkdir(exist_ok=True)
-        torch.save(model.cpu(), target)  # pickled whole, as mlflow.pytorch logs it
-        self._record({"op": "model", "key": key, "path": str(target), "name": name})
+        kept = self.journal.keep_file(checkpoint)  # Tune may delete the trial's copy
+        example_path = f"{kept}.example.npy"
+        write_npy(example_path, example)
+        self._record({"op": "register", "key": key, "path": kept, "name": name,
+                      "example": example_path, "tags": tags})
 
     def id_of(self, key: str) -> str:
         self.flush(force=True)
@@ -255,7 +266,11 @@ class Tracker:
             self.runs.finish(key, ok=r["ok"], time_ms=r["time"])
         elif op == "artifact":
             self.runs.artifact(key, _named(r["path"], r["name"]), r["folder"])
-        elif op == "model":
+        elif op == "register":
+            import numpy as np
+
+            self.runs.register(key, r["path"], r["name"], np.load(r["example"]), r["tags"])
+        elif op == "model":  # journals from before 2026-12
             import torch
 
             self.runs.model(key, torch.load(r["path"], weights_only=False), r["name"])
