@@ -90,3 +90,32 @@ def test_the_sweep_registers_every_methods_winner(submitted_sweep, digits, tmp_p
         assert r.json()["predictions"]["class"] == [int(classes[0])]
     finally:
         stop_session(server)
+
+
+def test_impactx_run_registers_its_models_once_when_tracking_is_set(trained_run, digits, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from impactx_ray.config import RunConfig
+    from impactx_ray.serve.registry import register_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    cfg = RunConfig.from_dict(json.loads((trained_run / "config.json").read_text()))
+    result = json.loads((trained_run / "result.json").read_text())
+    _, test = digits
+    said = []
+    first = register_run(trained_run, cfg, result, test.images, log=said.append)
+    names = [f"impactx-{CELL}-{m}" for m in ("baseline", "impactx", "abn", "wae")]
+    assert first == {name: "1" for name in names}
+    assert said and uri in said[0] and "impactx-lenet5-digits-impactx version 1" in said[0]
+    assert register_run(trained_run, cfg, result, test.images, log=said.append) == first  # nothing new
+    client = MlflowClient(uri)
+    version = client.get_model_version(f"impactx-{CELL}-wae", "1")
+    assert float(version.tags["test_accuracy"]) == result["wae_test_accuracy"]
+    assert version.tags["impactx.run_dir"] == str(trained_run.resolve())
+    model = mlflow.pyfunc.load_model(f"models:/impactx-{CELL}-abn/1")
+    assert model.metadata.metadata["classes"] == test.classes
+    out = model.predict(test.images[:5].permute(0, 2, 3, 1).numpy())
+    assert out["map"].shape == (5, 1, 32, 32)  # ABN's attention
