@@ -281,3 +281,17 @@ def test_a_worker_stuck_restarting_has_its_shards_requeued(ray_local, inputs, re
     made_by = {json.loads(p.read_text())["made_by"]["pid"] for p in (tmp_path / "maps").glob("shard-*.json")}
     assert made_by == {alive}, (made_by, stuck, alive)
     close(store.load(), reference, inputs)
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_each_worker_keeps_to_the_cpus_ray_gave_it(ray_local, inputs, cpus):
+    """torch (intra- and inter-op), inductor's compile workers, numba and OpenCV all use the
+    worker's Ray CPUs, not every core of the node (docs/map-engine.md, "Threads")."""
+    from impactx_ray.explain.actors import MapPool
+
+    images, labels = inputs
+    with MapPool(build_model, images, labels, SETTINGS, workers=2 // cpus, cpus_per_worker=cpus,
+                 gpus_per_worker=0.0) as pool:
+        used = ray.get([a.threads_used.remote() for a in pool.actors])
+    assert used == [{"torch": cpus, "torch_interop": cpus, "inductor_compile": cpus, "numba": cpus,
+                     "cv2": cpus}] * (2 // cpus)

@@ -291,14 +291,19 @@ def test_a_collapsed_stage1_and_constant_maps_are_warned_about(finished):
     assert zero.startswith("1437 of 1437 SHAP maps are constant (1437 all zero)")
 
 
-def test_the_eval_budget_bound_is_the_map_engine_s():
-    import inspect
-
+def test_the_eval_budget_bound_is_the_map_engine_s(monkeypatch):
     from impactx_ray.checks import check_eval_budget
     from impactx_ray.defaults import MASK_BYTES
-    from impactx_ray.explain.batched import BatchedPartition
+    from impactx_ray.explain.batched import BatchedPartition, mask_budget
 
-    assert inspect.signature(BatchedPartition).parameters["max_mask_bytes"].default == MASK_BYTES
+    # the engine's arena: the CPU cap on a CPU, a quarter of a GPU's free memory (never less)
+    engine = BatchedPartition(lambda x: x, (32, 32, 3), masker="blur(8,8)", max_evals=2000, batch_size=100)
+    assert mask_budget(torch.device("cpu")) == MASK_BYTES and engine.images_in_flight == 87
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (78 << 30, 80 << 30))
+    assert mask_budget(torch.device("cuda")) == (78 << 30) // 4
+    assert (78 << 30) // 4 // (2001 * 32 * 32 * 3) == 3406  # images in lockstep at 32×32×3, 2000 evals
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
+    assert mask_budget(torch.device("cuda")) == MASK_BYTES  # a nearly full GPU: the floor
     check_eval_budget(174761, (32, 32, 3))  # the most that fits
     with pytest.raises(UserError, match="use at most 174761"):
         check_eval_budget(174762, (32, 32, 3))

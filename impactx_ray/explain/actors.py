@@ -48,6 +48,7 @@ from impactx_ray.explain.compute import check_fits, check_settings
 from impactx_ray.explain.settings import ExplainSettings
 from impactx_ray.explain.shap_maps import TrueClassExplainer, check_images, labels_array, to_hwc
 from impactx_ray.explain.store import MapStore
+from impactx_ray.explain.threads import keep_to, threads_in_use
 
 ModelBuilder = Callable[[], torch.nn.Module]
 
@@ -59,6 +60,11 @@ def init_ray() -> None:
     if not ray.is_initialized():
         address = None if os.environ.get("RAY_ADDRESS") else "local"
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+
+
+def allotted_cores() -> int:
+    """The CPUs Ray gave this worker, as a thread count (at least 1; 0.5 CPU is one thread)."""
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
 def here() -> dict[str, Any]:
@@ -108,8 +114,9 @@ class MapWorker:
     """One Ray actor: a model loaded once and a reusable shap explainer; computes whole shards."""
 
     def __init__(self, build_model: ModelBuilder, explainer_kwargs: dict[str, Any],
-                 torch_threads: int = 1, device: str = "auto") -> None:
-        torch.set_num_threads(torch_threads)  # parallelism comes from actors, not intra-op threads
+                 threads: int | None = None, device: str = "auto") -> None:
+        # parallelism comes from actors: each keeps to the CPUs Ray gave it (explain/threads.py)
+        self.threads = keep_to(threads or allotted_cores())
         # the GPU Ray gave this actor, or the device asked for; never a GPU it was not given
         self.model = build_model().to(ray_device(device, "a SHAP map worker")).eval()
         self.explainer_kwargs = explainer_kwargs
@@ -127,6 +134,10 @@ class MapWorker:
             self.images, self.labels = ray.get(data_refs)
             h, w, c = self.images.shape[1:]
             self.explainer = TrueClassExplainer(self.model, (c, h, w), **self.explainer_kwargs)
+
+    def threads_used(self) -> dict[str, Any]:
+        """What torch, inductor, numba and OpenCV would each use now in this worker."""
+        return threads_in_use()
 
     def warm_up(self, data_refs: list[ray.ObjectRef]) -> int:
         """Explain one image on a small budget, so shap's numba kernels are compiled; the pid."""
@@ -183,7 +194,7 @@ class MapPool:
                  labels: torch.Tensor | np.ndarray | Sequence[int], settings: ExplainSettings, *,
                  workers: int, forward_batch: int | None = None,
                  gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
-                 torch_threads: int = 1, max_restarts: int = 3, device: str = "auto",
+                 threads: int | None = None, max_restarts: int = 3, device: str = "auto",
                  log: Callable[[str], None] = _stderr, watchdog_s: float = 60.0,
                  restart_timeout_s: float = 300.0, flag: str = "--workers") -> None:
         if not is_int(workers, 1):
@@ -213,7 +224,7 @@ class MapPool:
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts,
             max_task_retries=max_restarts)
         self.actors = [actor_cls.remote(build_model, {**self.explainer_kwargs, "forward_batch": forward_batch},
-                                         torch_threads, device)
+                                         threads, device)
                        for _ in range(workers)]
         self.ready: list[Any] = []  # actors that finished warm_up: only they are handed shards
 
