@@ -101,6 +101,9 @@ def test_impactx_run_registers_its_models_once_when_tracking_is_set(trained_run,
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where a user ran `impactx run`
     mlflow.set_tracking_uri(uri)
     cfg = RunConfig.from_dict(json.loads((trained_run / "config.json").read_text()))
     result = json.loads((trained_run / "result.json").read_text())
@@ -115,7 +118,18 @@ def test_impactx_run_registers_its_models_once_when_tracking_is_set(trained_run,
     version = client.get_model_version(f"impactx-{CELL}-wae", "1")
     assert float(version.tags["test_accuracy"]) == result["wae_test_accuracy"]
     assert version.tags["impactx.run_dir"] == str(trained_run.resolve())
+    # the models' artifacts beside the database, not in the directory the command ran in
+    assert not (elsewhere / "mlruns").exists() and (tmp_path / "mlartifacts").is_dir()
     model = mlflow.pyfunc.load_model(f"models:/impactx-{CELL}-abn/1")
     assert model.metadata.metadata["classes"] == test.classes
     out = model.predict(test.images[:5].permute(0, 2, 3, 1).numpy())
     assert out["map"].shape == (5, 1, 32, 32)  # ABN's attention
+    # what `impactx serve --model models:/...` loads in each replica: the same predictor
+    from impactx_ray.predict import Predictor
+    from impactx_ray.serve.deployment import load_predictor
+
+    served = load_predictor({"model_uri": f"models:/impactx-{CELL}-impactx/1"}, "cpu")
+    direct = Predictor.from_checkpoint(trained_run / "stage2" / "model.pt")
+    x = test.images[:50].permute(0, 2, 3, 1).numpy()
+    a, b = served.predict(x), direct.predict(x)
+    assert served.method == "impactx" and np.array_equal(a.labels, b.labels) and np.array_equal(a.maps, b.maps)

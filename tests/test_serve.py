@@ -135,7 +135,7 @@ def test_serve_answers_concurrent_clients_as_offline_and_refuses_bad_requests(tr
             again = requests.post(url, data=png(test.images[0]), headers={"content-type": "image/png"}, timeout=30)
             assert again.status_code == 200 and again.json()["class"] == answers[0]["class"]
             os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: Serve shut down, the command ends
-            assert server.wait(timeout=60) == 0, log.read_text()[-3000:]
+            assert server.wait(timeout=120) == 0, log.read_text()[-3000:]
             assert "stopped serving" in log.read_text()
         finally:
             if server.poll() is None:

@@ -55,6 +55,7 @@ def serve_command(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        # this application only: Serve itself may hold others on a shared cluster (and a local
+        # Ray started here ends with this process)
         serve.delete("impactx")
-        serve.shutdown()
         print("stopped serving", flush=True)

@@ -86,7 +86,7 @@ def load_predictor(source: dict[str, str], device: str) -> Predictor:
     return model.predictor.to(resolve_device(device))
 
 
-@serve.deployment(name="impactx")
+@serve.deployment(name="impactx", graceful_shutdown_timeout_s=5)  # a prediction takes milliseconds
 class ImpactxDeployment:
     def __init__(self, source: dict[str, str], device: str = "auto", max_batch_size: int = 32,
                  batch_wait_s: float = 0.01) -> None:

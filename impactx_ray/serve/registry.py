@@ -112,6 +112,19 @@ def register(checkpoint: str | Path, run_id: str, name: str, example: np.ndarray
     return str(version.version)
 
 
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment ``name``, created if absent. With a database file as the store, its
+    artifacts (the models) go beside that file in ``mlartifacts/``: MLflow's default, ``./mlruns``,
+    would follow whatever directory the command ran in. A server decides for itself."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    uri, location = mlflow.get_tracking_uri(), None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def register_run(out: Path, cfg: Any, result: dict[str, Any], test_images: Any,
                  log: Any = print) -> dict[str, str]:
     """``impactx run``'s trained models registered (``MLFLOW_TRACKING_URI`` set): one MLflow run
@@ -123,11 +136,11 @@ def register_run(out: Path, cfg: Any, result: dict[str, Any], test_images: Any,
     from impactx_ray.serve import registered_name
 
     client = MlflowClient()
-    experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "impactx-runs"))
+    experiment = experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", "impactx-runs"))
     where = str(Path(out).resolve())
-    found = client.search_runs([experiment.experiment_id], f"tags.`impactx.run_dir` = '{where}'", max_results=1)
+    found = client.search_runs([experiment], f"tags.`impactx.run_dir` = '{where}'", max_results=1)
     run_id = found[0].info.run_id if found else client.create_run(
-        experiment.experiment_id, run_name=Path(out).name, tags={"impactx.run_dir": where}).info.run_id
+        experiment, run_name=Path(out).name, tags={"impactx.run_dir": where}).info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(cfg.to_dict().items())]
                      if not found else [])
     for key, value in result.items():
