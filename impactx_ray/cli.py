@@ -78,7 +78,7 @@ def add_use_commands(sub: Any) -> None:
     """``predict`` and ``serve``: a trained model on images (docs/usage.md, "Use the trained model")."""
     from impactx_ray.methods import METHODS
 
-    methods = tuple(m for m in METHODS)
+    methods = tuple(METHODS)
     p = sub.add_parser("predict", help="class, probabilities and the method's own map of image files",
                        description="class, probabilities and the method's own map of image files, "
                        "into <to>/predictions.csv, maps/*.npy and overlays/*.png")

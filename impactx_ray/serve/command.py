@@ -48,12 +48,13 @@ def serve_command(args: argparse.Namespace) -> None:
     print(f"serving the {what} at http://{args.host}:{args.port}/ ({args.replicas} replica"
           f"{'s' * (args.replicas > 1)}); POST an image; Ctrl-C stops", flush=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C and SIGTERM stop it alike; SIGINT handled explicitly, since a process started in the
+    # background of a script inherits SIGINT ignored and Python then raises no KeyboardInterrupt
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.wait(1.0):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
         # this application only: Serve itself may hold others on a shared cluster (and a local
         # Ray started here ends with this process)
