@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 
 from impactx_ray.methods import ModelSpec, load_model
 
-from cluster import free_ports, stop_session
+from cluster import free_ports, stop_session, wait_http
 from tolerances import assert_batch_close
 
 BIN = Path(sys.executable).parent
@@ -74,16 +73,7 @@ def test_the_sweep_registers_every_methods_winner(submitted_sweep, digits, tmp_p
                                "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=open(log, "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
+        wait_http(f"http://127.0.0.1:{port}/ping", server, log)  # uvicorn answers once the model is loaded
         image = test.images[:1].permute(0, 2, 3, 1).tolist()
         r = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": image}, timeout=60)
         assert r.status_code == 200, r.text
