@@ -78,7 +78,8 @@ def main() -> None:
                    help="time the eager forward's first and second call at a few new batch sizes")
     p.add_argument("--scaling-evals", nargs="+", type=int, default=[500, 1000, 2000, 4000])
     p.add_argument("--forward-batch", type=int, nargs="+", default=None,
-                   help="per case, in --cases order (default: 512 on CPU; 4096 LeNet, 1024 timm on CUDA)")
+                   help="per case, in --cases order (default: probed on CPU as a store shard's call does; "
+                   "4096 LeNet, 1024 timm on CUDA)")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new row after this many seconds")
     p.add_argument("--out", required=True, help="JSON lines, one per row")
     args = p.parse_args()
@@ -106,6 +107,12 @@ def main() -> None:
         model = build_model(name, None, device)
         train_briefly(model, args.train_epochs, device)
         hwc, y = digits_hwc(n, side)
+        if device.type == "cpu" and not args.forward_batch:  # the chunk a store shard's call would probe
+            probe = explainer(model, hwc, engine="batched", compile="off", max_evals=args.max_evals,
+                              masker=default_masker(side, side), batch_size=100, forward_batch=fb).model_forward
+            rates = probe.probe_chunk(hwc.shape[1:])
+            fb = probe.chunk
+            emit({"case": case, "row": "forward batch probe", "images_per_s": rates, "chosen": fb})
         common = {"max_evals": args.max_evals, "masker": default_masker(side, side), "batch_size": 100,
                   "forward_batch": fb}
         # a whole warm-up map only where a map takes seconds, not minutes (timm models on a CPU)

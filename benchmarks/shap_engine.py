@@ -91,8 +91,12 @@ def explainer(model, hwc, *, engine: str, max_evals: int, masker: str, batch_siz
 
 def warm_up(ex: TrueClassExplainer, hwc: np.ndarray, y: np.ndarray, device, full_map: bool) -> float:
     """Seconds to bring ``ex`` to steady state: shap's numba kernels compiled (a 32-evaluation map),
-    the forward run once on a full chunk (compiled, when ``ex`` compiles: this is the compile),
-    and with ``full_map`` one whole map (caches, allocations; skipped where a map takes minutes)."""
+    the forward run once on a full chunk, half a chunk and 2 images (compiled, when ``ex``
+    compiles: this is the compile, of every graph the step sizes need),
+    and with ``full_map`` one whole map (caches, allocations; skipped where a map takes minutes).
+    A batched engine's whole map is of all the images, as timed: its mask arena (200 MB for 32
+    images at 32x32x3 and 2000 evaluations) is then allocated and touched, as it is in a map
+    worker after its first shard; a first touch costs a page fault per 4 KiB (~7% of one run)."""
     start = time.perf_counter()
     h, w, c = hwc.shape[1:]
     with torch.no_grad():
@@ -101,9 +105,13 @@ def warm_up(ex: TrueClassExplainer, hwc: np.ndarray, y: np.ndarray, device, full
         else:
             mf = ex.model_forward
             mf.compiled = mf.compile_mode == "on"
-            mf(torch.zeros(mf.chunk, h, w, c, device=device))
+            # a step's calls come in every size up to the chunk: on a CPU one dynamic graph serves
+            # them, but dynamo may specialise small batches (MobileNet's conv guards batch >= 16)
+            for k in sorted({mf.chunk, max(2, mf.chunk // 2), 2}, reverse=True):
+                mf(torch.zeros(k, h, w, c, device=device))
         if full_map:
-            ex.explain_many(hwc[:1], y[:1])
+            some = 1 if ex.engine == "shap" else len(hwc)
+            ex.explain_many(hwc[:some], y[:some])
     sync(device)
     return time.perf_counter() - start
 

@@ -1,15 +1,19 @@
 """The map engine's forward (``explain/forward.py``): compiled, reduced precision, channels-last.
 
 * Compiled maps equal shap's up to the float32 rounding of the model's logits
-  (``tolerances.owen_map_atol``) at 32x32 and 96x96 (the compiled graph runs at one static shape:
-  the last chunk of every step is padded, which these cases exercise).
-* ``compile="auto"`` compiles only calls large enough to repay it; where torch.compile cannot run,
+  (``tolerances.owen_map_atol``) at 32x32 and 96x96 (on a CPU the graph's batch dimension is
+  dynamic: the short last chunk of every step runs compiled at its own size, unpadded, which these
+  cases exercise; CUDA pads it to the one static shape).
+* ``compile="auto"`` compiles only calls large enough to repay it, and such a call on a CPU probes
+  its fastest forward batch; where torch.compile cannot run,
   or fails, one line says so and the eager forward gives the maps.
 * ``precision`` is part of a map store's identity (fp32 stores keep the key they had before
   precisions existed); ``compile`` is not.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -63,8 +67,11 @@ def test_compiled_maps_equal_shaps(digits, size, max_evals, forward_batch) -> No
     compiled = _explainer(model, hwc, engine="batched", compile="on", **kw)
     got = compiled.explain_many(hwc, y)
     mf = compiled.model_forward
-    assert mf.compiled and mf._graph is not None and mf.graph_images > 0
-    assert mf.padded_images > 0  # 2 images x 50 masks a step = 64 + a tail of 36, padded to 64
+    assert mf.compiled and mf._graph is not None
+    # every masked image went through the graph, the steps' short tails (2 images x 50 masks a
+    # step = 64 + 36) too, unpadded; a chunk of one image would run eager
+    assert mf.graph_images == compiled.batched.forward_images - mf.eager_images and mf.padded_images == 0
+    assert mf.eager_images < 2 * max_evals // 50
     ref = _explainer(model, hwc, engine="shap", **kw).explain_many(hwc, y)
     _close(model, hwc, got, ref)
 
@@ -210,3 +217,45 @@ def test_explain_true_class_takes_precision_and_compile(digits) -> None:
     a = explain_true_class(engine_model(), x[:1], y[:1], compile="off", **kw)
     b = explain_true_class(engine_model(), x[:1], y[:1], compile="auto", precision="fp32", **kw)
     assert np.array_equal(a, b)  # auto does not compile a 40-evaluation map
+
+
+class SlowAbove16(torch.nn.Module):
+    """Sleeps 2 ms per image in calls of 8, 1 ms in calls of 16 and 3 ms in larger calls: a model
+    whose activations leave the caches above 16 images."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per_image = {8: 2e-3, 16: 1e-3}.get(len(x), 3e-3)
+        time.sleep(per_image * len(x))
+        return x.flatten(1)[:, :10]
+
+
+def test_probe_picks_the_fastest_chunk_and_stops_once_calls_get_slower() -> None:
+    f = fwd.ModelForward(SlowAbove16(), torch.device("cpu"), compile="off")
+    rates = f.probe_chunk((4, 4, 3), seconds=0.02)
+    assert list(rates) == [8, 16, 32]  # 32 ran at a third of 16's rate: 64 and up not tried
+    assert f.chunk == 16 and rates[16] > 1.5 * rates[8] > 2 * rates[32]
+
+
+def test_a_large_cpu_call_probes_its_forward_batch_once(digits, monkeypatch) -> None:
+    from impactx_ray.explain import shap_maps
+
+    probed = []
+    real = fwd.ModelForward.probe_chunk
+    monkeypatch.setattr(fwd.ModelForward, "probe_chunk", lambda self, hwc: probed.append(hwc) or real(
+        self, hwc, sizes=(16, 32), seconds=0.01))
+    monkeypatch.setattr(shap_maps, "AUTO_COMPILE_MIN_IMAGES", 200)  # a "store shard" of 2 maps at 100 evals
+    model = engine_model()
+    hwc, y = _images(digits, 32, 2)
+    ex = _explainer(model, hwc, engine="batched", max_evals=100, compile="off")
+    small = ex.explain_many(hwc[:1], y[:1])  # 100 images: the default chunk, no probe
+    assert probed == [] and ex.batched.forward_batch == 512
+    maps = ex.explain_many(hwc, y)
+    assert probed == [(32, 32, 3)] and ex.batched.forward_batch == ex.model_forward.chunk in (16, 32)
+    assert set(ex.forward_rates) <= {16, 32} and 16 in ex.forward_rates
+    ex.explain_many(hwc, y)
+    assert len(probed) == 1  # once per explainer
+    _close(model, hwc[:1], maps[:1], small)
+    _close(model, hwc, maps, _explainer(model, hwc, engine="shap", max_evals=100).explain_many(hwc, y))
+    given = _explainer(model, hwc, engine="batched", max_evals=100, compile="off", forward_batch=64)
+    given.explain_many(hwc, y)
+    assert len(probed) == 1 and given.batched.forward_batch == 64  # a given forward_batch is kept

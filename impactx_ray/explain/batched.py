@@ -17,10 +17,11 @@ scalar work per queue node (docs/map-engine.md, "Where the time goes"). This mod
 
 What changes is only *how* the work is done: the masks of all images in one step are dense
 boolean tensors, each its context mask (a row of the image's mask arena) OR the node's own mask
-(every node of shap's image tree is an axis-aligned box of the H x W x C feature grid: a row of a
-precomputed table, or built from the box); the blur masking is a vectorised ``where`` on the
-model's device; all masked images go through the model in chunks of ``forward_batch``; the
-per-node queue work is compiled by numba (``owen.py``), not Python over NumPy scalars.
+(every node of shap's image tree is an axis-aligned box of the H x W x C feature grid), and the
+blur masking under it, are built in one numba pass per chunk on a CPU (``masking.py``) or in
+PyTorch passes on a GPU; all masked images go through the model in chunks of ``forward_batch``;
+the per-node queue work is compiled by numba (``owen.py``, parallel over images), not Python over
+NumPy scalars.
 
 Only ``blur(kx,ky)`` maskers are supported: the blurred image is computed once per image with
 ``cv2.blur`` exactly as shap's masker does, so masked inputs are bit-identical to shap's. Maps then
@@ -45,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from impactx_ray.defaults import MASK_BYTES
-from impactx_ray.explain import owen
+from impactx_ray.explain import masking, owen
 
 GPU_MASK_FRACTION = 0.25  # of a GPU's free memory: the rest is the forward's (4096 images per call)
 
@@ -62,7 +63,8 @@ def mask_budget(device: torch.device) -> int:
 
 
 def auto_forward_batch(device: torch.device) -> int:
-    """Masked images per model call when not given: 4096 on a GPU, 512 on a CPU.
+    """Masked images per model call when not given: 4096 on a GPU, 512 on a CPU (where a large
+    call probes the model's fastest size instead: ``ModelForward.probe_chunk``).
 
     Measured on CPU (LeNet-5, 32x32, 1 thread): 27-30k images/s for calls of 64-512 images, 18-20k
     at 4096, whose activations no longer fit the caches.
@@ -184,8 +186,12 @@ class NodeMasks:
         box = in_h[:, :, None, None] & in_w[:, None, :, None] & in_c[:, None, None, :]  # k x H x W x C
         return box.reshape(len(nodes), -1)  # k x M
 
-    def __call__(self, nodes: torch.Tensor) -> torch.Tensor:
-        return self._build(nodes) if self.table is None else self.table.index_select(0, nodes)
+    def __call__(self, nodes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The masks of ``nodes`` (k x M), written into ``out`` when given."""
+        if self.table is not None:
+            return torch.index_select(self.table, 0, nodes, out=out)
+        masks = self._build(nodes)
+        return masks if out is None else out.copy_(masks)
 
 
 class BatchedPartition:
@@ -220,8 +226,13 @@ class BatchedPartition:
         self.rows = max(self.max_evals, 2) + 1
         self.images_in_flight = max(1, max_mask_bytes // (self.rows * self.tree.m))
         self.forward_seconds, self.forward_images = 0.0, 0
-        self.node_masks = NodeMasks(self.tree, self.device)
+        # A CPU builds masks and masked images in one numba pass (masking.py); a GPU in PyTorch
+        # passes on the device, from node masks made there on first use.
+        self.host_masking = self.device.type == "cpu"
+        self.node_masks: NodeMasks | None = None
         self._arena_cache: torch.Tensor | None = None
+        self._masked_cache: torch.Tensor | None = None  # forward_batch x H x W x C
+        self._mask_cache: torch.Tensor | None = None  # 2 x forward_batch x M, for _fill_on_device
 
     def explain(self, images_hwc: np.ndarray, labels: np.ndarray, progress: bool = False) -> np.ndarray:
         """Maps N x H x W x C (float32) of logit ``labels[i]`` of each image N x H x W x C."""
@@ -290,31 +301,57 @@ class BatchedPartition:
         arena[:, 0] = False
         return arena
 
+    def _masked_buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        """``forward_batch`` x H x W x C masked images, kept across chunks and steps: a fresh
+        tensor per chunk cost page faults and malloc traffic that slowed the forward beside it."""
+        cache = self._masked_cache
+        if cache is None or cache.dtype != dtype or len(cache) != self.forward_batch:
+            self._masked_cache = torch.empty((self.forward_batch, *self.tree.hwc), dtype=dtype, device=self.device)
+        return self._masked_cache
+
     def _evaluate(self, x, xb, y, arena, img, ctx, node, row) -> list[float]:
         """Build the masks ``arena[img, ctx] | node_mask(node)``, store them at ``arena[img, row]``,
         and return the label logit of each blur-masked image, ``forward_batch`` images per call.
 
-        ``img`` is sorted (image after image), so each image's rows are one contiguous segment
-        and its masking broadcasts that image instead of gathering a copy per row.
+        On a CPU one numba pass per chunk builds masks and masked images (``masking.py``); on a
+        GPU the PyTorch passes of :meth:`_fill_on_device` run beside the forward.
         """
-        dev, (h, w, c), fb = self.device, self.tree.hwc, self.forward_batch
-        img_np, rows = img, arena.shape[1]
-        flat = arena.view(-1, self.tree.m)  # (n * rows) x M
-        img_t, node_t = torch.as_tensor(img, device=dev), torch.as_tensor(node, device=dev)
-        src_t = torch.as_tensor(img * rows + ctx, device=dev)  # context rows in flat
-        dst_t = torch.as_tensor(img * rows + row, device=dev)  # new rows in flat
+        fb, rows = self.forward_batch, arena.shape[1]
+        src, dst = img * rows + ctx, img * rows + row  # context rows and new rows in the flat arena
+        masked_buf = self._masked_buffer(x.dtype)  # fb x H x W x C
+        y_img = y[torch.as_tensor(img, device=self.device)]  # each mask's label
         fout: list[float] = []
         for a in range(0, len(img), fb):
-            mask = flat.index_select(0, src_t[a : a + fb])  # k x M, a copy
-            mask |= self.node_masks(node_t[a : a + fb])
-            flat[dst_t[a : a + fb]] = mask
-            # shap: out = x.copy(); out[~mask] = blurred[~mask], on the flattened H*W*C image
-            mask = mask.view(-1, h, w, c)  # k x H x W x C
-            masked = torch.empty(mask.shape, dtype=x.dtype, device=dev)  # k x H x W x C
-            seg = img_np[a : a + fb]
-            starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]]).tolist() + [len(seg)]
-            for s, e in zip(starts[:-1], starts[1:]):
-                j = int(seg[s])
-                torch.where(mask[s:e], x[j], xb[j], out=masked[s:e])
-            fout += self._logits(masked, y[img_t[a : a + fb]])
+            k = min(fb, len(img) - a)
+            part = slice(a, a + k)
+            if self.host_masking:
+                masking.fill_masked_rows(arena.view(-1, self.tree.m).numpy(), self.tree.box, src[part],
+                                         node[part], dst[part], img[part], x.numpy(), xb.numpy(),
+                                         masked_buf[:k].numpy())
+            else:
+                self._fill_on_device(arena, x, xb, src[part], node[part], dst[part], img[part], masked_buf[:k])
+            fout += self._logits(masked_buf[:k], y_img[part])
         return fout
+
+    def _fill_on_device(self, arena, x, xb, src, node, dst, img, masked) -> None:
+        """:func:`masking.fill_masked`'s work in PyTorch passes on the device, for one chunk.
+
+        ``img`` is sorted (image after image): each image's masks are one contiguous segment, its
+        new arena rows consecutive, and its masking broadcasts that image instead of gathering a
+        copy per row.
+        """
+        dev, (h, w, c), k = self.device, self.tree.hwc, len(img)
+        if self.node_masks is None:
+            self.node_masks = NodeMasks(self.tree, dev)
+        if self._mask_cache is None or self._mask_cache.shape[1] != self.forward_batch:
+            self._mask_cache = torch.empty((2, self.forward_batch, self.tree.m), dtype=torch.bool, device=dev)
+        mask, node_mask = self._mask_cache[0, :k], self._mask_cache[1, :k]  # k x M each
+        flat = arena.view(-1, self.tree.m)  # (n * rows) x M
+        torch.index_select(flat, 0, torch.as_tensor(src, device=dev), out=mask)
+        mask |= self.node_masks(torch.as_tensor(node, device=dev), out=node_mask)
+        starts = np.flatnonzero(np.r_[True, img[1:] != img[:-1]]).tolist() + [k]
+        for s, e in zip(starts[:-1], starts[1:]):
+            j, d = int(img[s]), int(dst[s])
+            flat[d : d + e - s].copy_(mask[s:e])  # the image's new arena rows, one block
+            # shap: out = x.copy(); out[~mask] = blurred[~mask], on the flattened H*W*C image
+            torch.where(mask[s:e].view(-1, h, w, c), x[j], xb[j], out=masked[s:e])  # (e-s) x H x W x C

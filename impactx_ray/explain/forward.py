@@ -7,9 +7,10 @@ this module is where the forward gets faster, without touching the maps' definit
   ``fp16`` (``torch.autocast``; the logits come back as float32). Reduced precision changes the
   maps (benchmarks report how much: max relative difference and Spearman rank correlation per
   map against fp32), so it is part of a map store's identity; fp32 stays the default.
-* **compile**: ``torch.compile`` of the model at one static batch shape, ``chunk`` images: every
-  call is split into chunks of ``chunk``, the last one padded (on a CPU, when less than half
-  full, run eager instead), so the graph is compiled once (and CUDA graphs replay it on a GPU).
+* **compile**: ``torch.compile`` of the model, compiled once: every call is split into chunks of
+  ``chunk`` images; on a CPU the graph's batch dimension is dynamic, so a short last chunk runs
+  compiled at its own size; on CUDA the graph has one static shape, the last chunk padded to it
+  (CUDA graphs replay it).
   On CUDA the eager forward runs at the static chunk size too (cuDNN plans each new batch size).
   ``"auto"`` compiles a call that sends at least :data:`AUTO_COMPILE_MIN_IMAGES` images through
   the model (about 100 maps at 2000 evaluations: a store shard, not a one-off map) where a
@@ -31,6 +32,7 @@ import copy
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +51,11 @@ DEFAULT_COMPILE = "auto"
 #: 1.8-2.2x the eager one, so a call of this size repays a cached compile.
 AUTO_COMPILE_MIN_IMAGES = 200_000
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Chunk sizes a CPU engine call tries (:meth:`ModelForward.probe_chunk`), when it sends at least
+#: AUTO_COMPILE_MIN_IMAGES images and no ``forward_batch`` was given. Measured on the 2-core CPU:
+#: MobileNet at 224 runs 85 images/s in calls of 8-16 and 51 in calls of 512 (activations out of
+#: the caches); LeNet-5 at 32x32 the same from 64 to 512 and slower below.
+PROBE_SIZES = (8, 16, 32, 64, 128, 256, 512)
 
 
 def check_precision(precision: str) -> str:
@@ -149,6 +156,7 @@ class ModelForward:
         self._graph = None  # torch.compile(self._net), made on first compiled call
         self._pad: torch.Tensor | None = None  # chunk x H x W x C, reused for the last chunk
         self.graph_images = self.padded_images = 0  # images through the graph, of which padding
+        self.eager_images = 0  # images a compiled call sent through the eager model (batches of 1)
 
     def select(self, images: int) -> bool:
         """Whether a call that sends ``images`` images through the model runs compiled."""
@@ -185,7 +193,8 @@ class ModelForward:
                 return self.net(x_nchw)
         if self._graph is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on a GPU
-            self._graph = torch.compile(self.net, dynamic=False, mode=mode)
+            # CUDA: one static shape (CUDA graphs); CPU: the batch dimension marked dynamic per call
+            self._graph = torch.compile(self.net, dynamic=False if self.device.type == "cuda" else None, mode=mode)
         try:
             with self._precision():
                 return self._graph(x_nchw).clone()  # CUDA graphs reuse their output buffer
@@ -198,39 +207,66 @@ class ModelForward:
                 return self.net(x_nchw)
 
     def _chunked(self, x: torch.Tensor, graph: bool) -> torch.Tensor:
-        """``x`` (N x H x W x C) in chunks of exactly ``chunk`` images, through the compiled graph
+        """``x`` (N x H x W x C) in chunks of at most ``chunk`` images, through the compiled graph
         (``graph``) or the eager model.
 
-        A short last chunk is padded (with the previous chunk's images, already valid inputs). On
-        a CPU, one less than half full runs eager at its own size instead: the compiled forward
-        measured 1.8-2.2x the eager one there, so that costs about what a padded chunk would.
-        On CUDA every chunk is padded, eager ones too: each new batch size costs cuDNN a new plan
-        (measured on an H100, MobileNet at 224: 2.3 s for the first call at a new size, 0.08 s
-        after), and the engine's last chunk has a new size nearly every step.
+        On a CPU the graph takes any batch size (its batch dimension is dynamic): a step's short
+        last chunk runs compiled at its own size. Measured here (LeNet-5, 2 threads): the dynamic
+        graph runs as fast as a static one at every size from 64 to 512, about twice the eager
+        forward, where padding the tail or running it eager cost 2-10% of the engine's time.
+        On CUDA every chunk has exactly ``chunk`` images, the last one padded (with the previous
+        chunk's images, already valid inputs), eager ones too: CUDA graphs replay one static
+        shape, and each new batch size costs cuDNN a new plan (measured on an H100, MobileNet at
+        224: 2.3 s for the first call at a new size, 0.08 s after).
         """
         cuda = self.device.type == "cuda"
         out = []
         for a in range(0, len(x), self.chunk):
             part = x[a : a + self.chunk]  # k x H x W x C
             k = len(part)
-            if graph and not cuda and k < self.chunk // 2:
-                with self._precision():
-                    out.append(self.net(part.permute(0, 3, 1, 2)))
-                continue
-            if k < self.chunk:
+            if cuda and k < self.chunk:
                 if self._pad is None or self._pad.shape[1:] != part.shape[1:] or self._pad.dtype != part.dtype:
                     self._pad = torch.zeros((self.chunk, *part.shape[1:]), dtype=part.dtype, device=part.device)
                 self._pad[:k] = part
                 part = self._pad
                 self.padded_images += self.chunk - k
-            # permute: an NCHW view of channels-last memory, as the model takes it
-            if graph:
-                self.graph_images += self.chunk
-                out.append(self._graph_call(part.permute(0, 3, 1, 2))[:k])
+            x_nchw = part.permute(0, 3, 1, 2)  # an NCHW view of channels-last memory, as the model takes it
+            if graph and (cuda or k > 1):  # a batch of 1 would be a second graph (dynamo specialises 0 and 1)
+                self.graph_images += len(part)
+                if not cuda:
+                    torch._dynamo.mark_dynamic(x_nchw, 0)
+                out.append(self._graph_call(x_nchw)[:k])
             else:
+                self.eager_images += k if graph else 0
                 with self._precision():
-                    out.append(self.net(part.permute(0, 3, 1, 2))[:k])
+                    out.append(self.net(x_nchw)[:k])
         return torch.cat(out)
+
+    def probe_chunk(self, hwc: tuple[int, int, int], sizes: tuple[int, ...] = PROBE_SIZES,
+                    seconds: float = 0.05) -> dict[int, float]:
+        """Images/s of this forward (compiled or eager, as :meth:`select` left it) in calls of each
+        size, smallest first, each timed for ``seconds`` and at least two calls after one warm-up
+        call. Stops at a size that runs below 0.8 of the best so far: larger calls only push more
+        activations out of the caches. Sets ``chunk`` to the fastest size and returns the rates.
+        Random images stand in for masked ones: the forward's cost does not depend on the values.
+        """
+        x = torch.rand(max(sizes), *hwc, device=self.device)  # N x H x W x C
+        rates: dict[int, float] = {}
+        self.chunk = max(sizes)  # no call below is split
+        with torch.no_grad():
+            for k in sizes:
+                self(x[:k])  # the first call at a size plans its kernels
+                calls, start = 0, time.perf_counter()
+                while calls < 2 or time.perf_counter() - start < seconds:
+                    self(x[:k])
+                    calls += 1
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                rates[k] = calls * k / (time.perf_counter() - start)
+                if rates[k] < 0.8 * max(rates.values()):
+                    break
+        self.chunk = max(rates, key=rates.get)
+        return rates
 
     def __call__(self, x_nhwc: torch.Tensor) -> torch.Tensor:
         """The engine's call: compiled, or on CUDA eager at the static chunk size, else eager."""

@@ -15,7 +15,7 @@ binary min-heap of image i's slots, ``size[i]`` long. Plain NumPy in, plain NumP
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 def new_queues(f00: np.ndarray, f11: np.ndarray, root: int, budget: int) -> dict[str, np.ndarray]:
@@ -84,7 +84,7 @@ def _push(heap, size, used, i, prio, tie, ctx, f00, f11, node, w, v_prio, v_tie,
     h[pos] = s
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def select(active, batch_size, budget, expand, dv, heap, size, prio, tie, f00, f11, node, w,
            evals, tasks, ntasks):
     """Pop this step's nodes of every image in ``active`` as shap does; ``tasks[i, :ntasks[i]]``
@@ -95,7 +95,7 @@ def select(active, batch_size, budget, expand, dv, heap, size, prio, tie, f00, f
     ``(f11 - f00) * weight`` to its own value in pop order, and the recursion ends.
     """
     going = np.zeros(len(active), dtype=np.bool_)
-    for a in range(len(active)):
+    for a in prange(len(active)):  # images are independent: each owns its queue and values
         i = active[a]
         ntasks[i] = 0
         if size[i] == 0:
@@ -143,16 +143,18 @@ def masks_to_evaluate(active, tasks, ntasks, ctx, node, evals, left, right):
     return img, ctx_row, add, row
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def update(active, fout, ties, tasks, ntasks, dv, heap, size, used, prio, tie, ctx, f00, f11,
            node, w, evals, left, right):
     """Push the children of every popped node, given f10, f01 per node (interleaved in ``fout``,
     image after image) and four tie-breakers per node (``ties``, in the same order): shap's
     arithmetic, in shap's order."""
-    pos = 0
-    tpos = 0
+    starts = np.zeros(len(active) + 1, dtype=np.int64)  # each image's first mask in fout
     for a in range(len(active)):
+        starts[a + 1] = starts[a] + 2 * ntasks[active[a]]
+    for a in prange(len(active)):  # images are independent: each owns its queue and values
         i = active[a]
+        pos, tpos = starts[a], 2 * starts[a]  # its masks in fout, its tie-breakers in ties
         row = evals[i] + 1  # arena rows of this step's masks: m10, m01 per node
         for j in range(ntasks[i]):
             s = tasks[i, j]
@@ -173,6 +175,4 @@ def update(active, fout, ties, tasks, ntasks, dv, heap, size, used, prio, tie, c
                   -abs(g11 - f01) * nw, ties[t + 2], r01, f01, g11, lind, nw)
             _push(heap, size, used, i, prio, tie, ctx, f00, f11, node, w,
                   -abs(g11 - f10) * nw, ties[t + 3], r10, f10, g11, rind, nw)
-        pos += 2 * ntasks[i]
-        tpos += 4 * ntasks[i]
         evals[i] += 2 * ntasks[i]

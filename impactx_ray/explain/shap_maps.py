@@ -40,7 +40,7 @@ from tqdm import tqdm
 from impactx_ray.defaults import MAX_EVALS, MIN_MAX_EVALS, SHAP_BATCH_SIZE
 from impactx_ray.errors import UserError, is_int
 from impactx_ray.explain.batched import BatchedPartition, auto_forward_batch
-from impactx_ray.explain.forward import DEFAULT_COMPILE, DEFAULT_PRECISION, ModelForward
+from impactx_ray.explain.forward import AUTO_COMPILE_MIN_IMAGES, DEFAULT_COMPILE, DEFAULT_PRECISION, ModelForward
 
 #: ``"batched"``: shap's recursion for many images at once (the default); ``"shap"``: shap itself.
 ENGINES = ("batched", "shap")
@@ -222,6 +222,10 @@ class TrueClassExplainer:
         self.engine = check_engine(engine)
         self.model, self.max_evals, self.batch_size, self.seed = model, int(max_evals), int(batch_size), seed
         self.device, self.dtype = _model_device(model), dtype
+        # No forward_batch given: on a CPU a large call (a store shard) probes the fastest chunk
+        # (ModelForward.probe_chunk); smaller calls, and CUDA's static graphs, use the default.
+        self.probe_forward_batch = forward_batch is None and self.device.type == "cpu"
+        self.forward_rates: dict[int, float] = {}  # what the probe measured, images/s per chunk size
         if forward_batch is None:
             forward_batch = auto_forward_batch(self.device)
         # Both engines call the model through it (precision, layout); only the batched one compiles.
@@ -287,7 +291,12 @@ class TrueClassExplainer:
         """
         labels = np.asarray(labels, dtype=np.int64)
         if self.engine == "batched":
-            self.model_forward.select(len(x_hwc) * self.max_evals)  # compile where it pays
+            images = len(x_hwc) * self.max_evals
+            self.model_forward.select(images)  # compile where it pays
+            if self.probe_forward_batch and images >= AUTO_COMPILE_MIN_IMAGES:
+                self.probe_forward_batch = False  # once per explainer: a map worker keeps it for every shard
+                self.forward_rates = self.model_forward.probe_chunk(self.batched.tree.hwc)
+                self.batched.forward_batch = self.model_forward.chunk
             with torch.no_grad():
                 return self.batched.explain(x_hwc, labels, progress=progress)
         maps = np.zeros(x_hwc.shape, dtype=np.float32)
