@@ -31,6 +31,7 @@ from shap_engine import build_model, digits_hwc, explainer, forward_rate, rel_di
 
 from impactx_ray.data import load_dataset
 from impactx_ray.explain import default_masker
+from impactx_ray.heap import keep_heap
 
 # case: (model, image side, engine images on CUDA, on CPU, shap images); input sizes are timm's own
 CASES = {
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new row after this many seconds")
     p.add_argument("--out", required=True, help="JSON lines, one per row")
     args = p.parse_args()
+    keep_heap()  # as the impactx command and map workers run; shap's forward gets it too
     device, t0 = torch.device(args.device), time.perf_counter()
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "max_evals": args.max_evals}

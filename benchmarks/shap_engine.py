@@ -39,6 +39,7 @@ from impactx_ray.data import load_dataset
 from impactx_ray.explain import default_masker
 from impactx_ray.explain.batched import auto_forward_batch
 from impactx_ray.explain.shap_maps import TrueClassExplainer, torch_threads_ctx
+from impactx_ray.heap import keep_heap
 from impactx_ray.models import create_backbone
 
 
@@ -190,6 +191,7 @@ def main() -> None:
                    "the median is reported (default 3)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args()
+    keep_heap()  # as the impactx command and map workers run; shap's forward gets it too
     device = torch.device(args.device)
     fb = args.forward_batch or auto_forward_batch(device)
     masker = args.masker or default_masker(args.image_size, args.image_size)

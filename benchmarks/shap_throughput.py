@@ -29,6 +29,7 @@ import torch
 from impactx_ray.data import load_dataset
 from impactx_ray.explain import ExplainSettings, MapStore
 from impactx_ray.explain.actors import MapPool
+from impactx_ray.heap import keep_heap
 from impactx_ray.models import create_backbone
 
 
@@ -98,6 +99,7 @@ def main() -> None:
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="the workers' forward (auto: only shards of >= 200k forward images compile)")
     args = p.parse_args()
+    keep_heap()  # as the impactx command and map workers run; shap's forward gets it too
 
     import ray
 

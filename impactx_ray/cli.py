@@ -16,6 +16,7 @@ from typing import Any
 from impactx_ray.defaults import DEFAULT_REPLACEMENTS, MORF_IMAGES
 from impactx_ray.errors import UserError, disk_full_line
 from impactx_ray.flags import OneLineParser, add_config_flags, config_overrides, positive_int
+from impactx_ray.heap import keep_heap
 
 EXIT_USAGE = 2
 
@@ -259,6 +260,7 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_heap()  # large tensors reuse freed heap, no page faults per forward (impactx_ray/heap.py)
     try:
         args = build_parser().parse_args(argv)
         run_command(args)

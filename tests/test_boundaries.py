@@ -12,11 +12,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "impactx_ray"
 
 # What each top-level part of the package may import from the package (besides itself), bottom up:
-# defaults, errors, io, lock → data → models → config → train, explain → eval, checks → methods
+# defaults, errors, io, heap, lock → data → models → config → train, explain → eval, checks → methods
 # → pipeline → rundir, report → runner → sweep → cli.
-BASE = {"defaults", "devices", "errors", "io"}
+BASE = {"defaults", "devices", "errors", "io", "heap"}
 ALLOWED = {
     "defaults": set(),
+    "heap": set(),
     "devices": {"errors"},
     "capacity": {"errors"},
     "errors": set(),

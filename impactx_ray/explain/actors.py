@@ -49,6 +49,7 @@ from impactx_ray.explain.settings import ExplainSettings
 from impactx_ray.explain.shap_maps import TrueClassExplainer, check_images, labels_array, to_hwc
 from impactx_ray.explain.store import MapStore
 from impactx_ray.explain.threads import keep_to, threads_in_use
+from impactx_ray.heap import keep_heap
 
 ModelBuilder = Callable[[], torch.nn.Module]
 
@@ -117,6 +118,7 @@ class MapWorker:
                  threads: int | None = None, device: str = "auto") -> None:
         # parallelism comes from actors: each keeps to the CPUs Ray gave it (explain/threads.py)
         self.threads = keep_to(threads or allotted_cores())
+        keep_heap()  # eager forwards reuse freed memory instead of page-faulting (impactx_ray/heap.py)
         # the GPU Ray gave this actor, or the device asked for; never a GPU it was not given
         self.model = build_model().to(ray_device(device, "a SHAP map worker")).eval()
         self.explainer_kwargs = explainer_kwargs
