@@ -102,7 +102,7 @@ def test_serve_answers_concurrent_clients_as_offline_and_refuses_bad_requests(tr
                     info = requests.get(url, timeout=5)
                     if info.status_code == 200:
                         break
-                except requests.ConnectionError:
+                except (requests.ConnectionError, requests.Timeout):  # not up, or still deploying
                     pass
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(1)
