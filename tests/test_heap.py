@@ -42,4 +42,4 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again() -> None:
     _, plain = _faults("plain")
     assert applied == "True"
     assert kept < 1000, kept  # pages faulted in per call (measured 162): the freed blocks are reused
-    assert plain > 4000 > 4 * kept, plain  # the default faults its outputs in afresh (measured 5,900)
+    assert plain > max(2000, 4 * kept), plain  # the default faults its outputs in afresh (measured 3,500-5,900)
