@@ -167,16 +167,22 @@ def _unprefixed(key: str | None) -> str | None:
     return re.sub(r"^[0-9a-f]{8}/", "", key) if key else key
 
 
-def trial_runs(db: Path) -> list[tuple[str, str, str]]:
+# a trial run a resumed stage superseded (sweep/stage.py): no trial of the stage holds it
+SUPERSEDED = ("exists (select 1 from tags s where s.run_uuid = {run} and s.key = 'impactx.superseded' "
+              "and s.value = 'true')")
+
+
+def trial_runs(db: Path, superseded: bool = False) -> list[tuple[str, str, str]]:
     """(impactx.key, status, parent key) of every trial run in an MLflow SQLite store, keys
-    without the sweep's id."""
+    without the sweep's id: the stages' trials, or (``superseded``) the runs they superseded."""
     con = sqlite3.connect(db)
     rows = con.execute(
         "select t.value, r.status, (select p.value from tags p where p.run_uuid = "
         "(select q.value from tags q where q.run_uuid = r.run_uuid and "
         "q.key = 'mlflow.parentRunId') and p.key = 'impactx.key') "
         "from runs r join tags t on t.run_uuid = r.run_uuid where t.key = 'impactx.key' "
-        "and t.value like '%/stage%/%'").fetchall()
+        f"and t.value like '%/stage%/%' and {'' if superseded else 'not '}"
+        + SUPERSEDED.format(run="r.run_uuid")).fetchall()
     con.close()
     return [(_unprefixed(k), status, _unprefixed(parent)) for k, status, parent in rows]
 
@@ -202,7 +208,9 @@ def wait_for_trial_metrics(db: Path, proc: subprocess.Popen, timeout: float = 30
 def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
     """A budgeted smoke sweep (Optuna + ASHA, 6 trials a stage) killed in stage 1 and rerun:
     Tune restores the searcher and scheduler, every trial has one MLflow run, ASHA's stopped
-    trials are finished (not failed), tagged, with their curves."""
+    trials are finished (not failed), tagged, with their curves. A trial Tune started after it
+    last saved its state (when the kill comes at that moment) has a run no restored trial holds:
+    it ends KILLED, tagged superseded, and is not counted (the logic alone: the next test)."""
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(SCRIPT), *FAST_SMOKE, "--search", "optuna", "--scheduler", "asha",
            "--num-samples", "6", "--out", str(out)]
@@ -219,15 +227,19 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "mlflow ui --backend-store-uri sqlite:///" in second.stdout
-    runs = trial_runs(out / "mlflow.db")
-    keys = [key for key, _, _ in runs]
+    runs, superseded = trial_runs(out / "mlflow.db"), trial_runs(out / "mlflow.db", superseded=True)
+    keys = [key for key, _, _ in runs + superseded]
     assert len(keys) == len(set(keys)), f"duplicated trial runs: {sorted(keys)}"
     stage1 = [r for r in runs if "/stage1/" in r[0]]
     stage2 = [r for r in runs if "/stage2/" in r[0]]
-    assert len(stage1) == 6 and len(stage2) == 6
-    assert all(status == "FINISHED" for _, status, _ in runs)
+    assert len(stage1) == 6 and len(stage2) == 6, (runs, superseded)
+    assert all(status == "FINISHED" for _, status, _ in runs), runs
     assert {parent for _, _, parent in stage1} == {"lenet5-digits/stage1"}
     assert {parent for _, _, parent in stage2} == {"lenet5-digits/stage2"}
+    # the kill came in stage 1: only its runs can be superseded, each ended KILLED and said
+    assert all(status == "KILLED" and parent == "lenet5-digits/stage1" for _, status, parent in superseded)
+    assert (f"lenet5-digits/stage1: {len(superseded)} trial run(s) started before the sweep was killed"
+            in second.stdout) == bool(superseded), second.stdout[-3000:]
     con = sqlite3.connect(out / "mlflow.db")
     for key, _, _ in runs:
         params = dict(con.execute(
@@ -247,8 +259,8 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
     early = con.execute("select k.value, (select max(m.step) from metrics m where m.run_uuid = "
                         "k.run_uuid and m.key = 'val_accuracy') from tags k join tags e on "
                         "e.run_uuid = k.run_uuid where k.key = 'impactx.key' and k.value like "
-                        "'%/stage1/%' and e.key = 'impactx.early_stopped' and e.value = 'true'"
-                        ).fetchall()
+                        "'%/stage1/%' and e.key = 'impactx.early_stopped' and e.value = 'true' "
+                        "and not " + SUPERSEDED.format(run="k.run_uuid")).fetchall()
     assert early and all(1 <= steps < 3 for _, steps in early), early
     stage_metrics = dict(con.execute(
         "select m.key, m.value from metrics m join tags t on t.run_uuid = m.run_uuid where "
@@ -276,6 +288,78 @@ def test_smoke_sweep_killed_mid_stage_resumes_without_duplicates(tmp_path):
     logged = {p.name for p in (out / "mlartifacts").rglob("*.png")}
     assert {"examples.png", "morf_mean.png"} <= logged, "figures missing from MLflow"
     assert not (ROOT / "mlruns").exists(), "MLflow wrote artifacts into the working directory"
+
+
+def test_runs_no_trial_of_the_stage_holds_are_picked_by_key_or_trial_id():
+    from impactx_ray.sweep.tracking import orphans
+
+    runs = {"c/s1/lr=0.1#a": {"impactx.trial_id": "a"},  # held by key
+            "c/s1/lr=0.2#b": {"impactx.trial_id": "b"},  # by id: failed before it reported
+            "c/s1/lr=0.3#c": {"impactx.trial_id": "c"},  # started after Tune last saved
+            "c/s1/lr=0.4#d": {"impactx.trial_id": "d", "impactx.superseded": "true"},  # already
+            "c/s1/lr=0.5#e": {}}  # killed before its tags were logged
+    assert orphans(runs, keep={"c/s1/lr=0.1#a", "c/s1/lr=0.6#f"}, keep_ids={"a", "b", "f"}) == \
+        ["c/s1/lr=0.3#c", "c/s1/lr=0.5#e"]
+    assert orphans(runs, keep=runs, keep_ids=()) == []
+
+
+def test_a_resumed_stage_ends_the_runs_its_trials_do_not_hold_as_killed(tmp_path):
+    """The kill race of the smoke sweep above, made deterministic: a killed driver's trial
+    logger started four runs (two finished, one failed before it reported, one started after
+    Tune last saved); the resumed stage's ResultGrid holds the first three and a new trial in the
+    fourth's slot. The fourth run ends KILLED and tagged, once; nothing else changes."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from impactx_ray.sweep.tracking import Tracker
+    from impactx_ray.sweep.trial_logger import MLflowTrialLogger
+
+    said = []
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, experiment="t", key_prefix="s1/", journal=tmp_path / "j", log=said.append)
+    stage = tracker.start("c/stage1", "stage1")
+    tracker.start("c/stage2/lr=0.4#d", "another stage's trial", parent=tracker.start("c/stage2", "stage2"))
+
+    def logger() -> MLflowTrialLogger:
+        return MLflowTrialLogger(tracker, "c/stage1", stage, ("lr",), params_of=lambda c: c,
+                                 tags_of=lambda c: {}, sampled=True)
+
+    def trial(trial_id: str, lr: float) -> SimpleNamespace:
+        return SimpleNamespace(trial_id=trial_id, config={"lr": lr}, checkpoint=None, error_file=None,
+                               last_result={"epoch": 3, "test_accuracy": 0.9})
+
+    killed = logger()
+    a, b, c, d, e = trial("a", 0.1), trial("b", 0.2), trial("c", 0.3), trial("d", 0.4), trial("e", 0.5)
+    for t in (a, b, c, d):
+        killed.on_trial_start(0, [], t)
+    killed.on_trial_complete(0, [], a)
+    killed.on_trial_complete(0, [], b)
+    killed.on_trial_error(0, [], c)
+    resumed = logger()  # Tune's restored logger runs e; the stage's own names the held runs
+    resumed.on_trial_start(0, [], e)
+    resumed.on_trial_complete(0, [], e)
+    results = [SimpleNamespace(config=t.config, metrics={"trial_id": t.trial_id, "config": t.config})
+               for t in (a, b, e)] + [SimpleNamespace(config=None, metrics={"trial_id": "c"})]
+    held = resumed.held(results)
+    assert held == ({"c/stage1/lr=0.1#a", "c/stage1/lr=0.2#b", "c/stage1/lr=0.5#e"}, {"a", "b", "c", "e"})
+    tracker.supersede("c/stage1", *held)
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("t").experiment_id
+    runs = {r.data.tags["impactx.key"]: r for r in client.search_runs([experiment])}
+    status = {key: run.info.status for key, run in runs.items() if key.count("/") == 3}
+    assert status == {"s1/c/stage1/lr=0.1#a": "FINISHED", "s1/c/stage1/lr=0.2#b": "FINISHED",
+                      "s1/c/stage1/lr=0.3#c": "FAILED", "s1/c/stage1/lr=0.4#d": "KILLED",
+                      "s1/c/stage1/lr=0.5#e": "FINISHED", "s1/c/stage2/lr=0.4#d": "RUNNING"}
+    gone = runs["s1/c/stage1/lr=0.4#d"]
+    assert [k for k, r in runs.items() if "impactx.superseded" in r.data.tags] == ["s1/c/stage1/lr=0.4#d"]
+    assert gone.data.tags["impactx.superseded"] == "true" and "killed" in gone.data.tags["mlflow.note.content"]
+    assert said == ["c/stage1: 1 trial run(s) started before the sweep was killed, their slots run again "
+                    "since: ended as KILLED, tagged impactx.superseded (c/stage1/lr=0.4#d)"]
+    assert tracker.journal.pending() == []  # a record of the journal like the others, applied
+    tracker.supersede("c/stage1", *held)  # resumed again (or the record applied twice): no change
+    assert len(said) == 1 and client.get_run(gone.info.run_id).info.end_time == gone.info.end_time
 
 
 @pytest.mark.slow

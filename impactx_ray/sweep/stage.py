@@ -71,15 +71,16 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
     # the cell's data goes to the object store once; every trial on a node reads that copy
     trainable = tune.with_resources(tune.with_parameters(STAGE_TRAINABLES[stage], data=data),
                                     resources)
+    # a restored experiment brings its own (pickled) logger; this one also names the runs its trials hold
+    logger = MLflowTrialLogger(tracker, key, stage_run, tuple(space.grid),
+                               params_of=partial(trial_params, stage, tuple(space.grid)),
+                               tags_of=partial(trial_tags, cell.name, stage),
+                               sampled=search.search != "grid")
     if tune.Tuner.can_restore(path):
         opts.log(f"{key}: resuming the Tune experiment in {path}")
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=False)
     else:
         opts.log(f"{key}: {search.label}, {plan.trials} trials")
-        logger = MLflowTrialLogger(tracker, key, stage_run, tuple(space.grid),
-                                   params_of=partial(trial_params, stage, tuple(space.grid)),
-                                   tags_of=partial(trial_tags, cell.name, stage),
-                                   sampled=search.search != "grid")
         tuner = tune.Tuner(
             trainable,
             param_space={**base, CPUS: opts.cpus_per_trial, **plan.param_space},
@@ -103,6 +104,11 @@ def run_stage(opts: SweepOptions, tracker: Tracker, cell: Cell, stage: str, pare
         room.release()  # the autoscaler may let idle nodes go
     if tracker.outage_exceeded():  # Tune may have ended the stage on the callback's error
         raise TrackingOutage(tracker.outage_line())
+    # A trial Tune started after it last saved its state has its run already when the sweep is
+    # killed; the restored experiment does not know that trial and runs its slot again as another
+    # (a new Optuna draw, a new key). Such runs, which no trial here holds, end as KILLED, tagged
+    # superseded. Done on a fresh stage too: a sweep killed before Tune first saved leaves them.
+    tracker.supersede(key, *logger.held(results))
     outcome = StageOutcome.of(search.label, results)
     tracker.params(stage_run, {"search": outcome.search})
     tracker.metrics(stage_run, {"trials": outcome.trials, "trials_early_stopped":

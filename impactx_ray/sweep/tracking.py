@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,11 @@ EXPERIMENT = "impactx"
 KEY_TAG = "impactx.key"
 EARLY_STOPPED_TAG = "impactx.early_stopped"  # "true" on trials the scheduler stopped
 NODE_TAG = "impactx.node_id"  # the Ray node a trial ran on
+TRIAL_ID_TAG = "impactx.trial_id"  # the Tune trial a trial's run records
+SUPERSEDED_TAG = "impactx.superseded"  # "true" on trial runs no trial of the finished stage holds
+SUPERSEDED_TAGS = {SUPERSEDED_TAG: "true", "mlflow.note.content": (
+    "Started before the sweep was killed, after Tune last saved its state: the resumed stage did "
+    "not know this trial and ran its slot again as another trial. Not part of the stage's results.")}
 # MLflow 3 opens an experiment of this kind in its model-training view (not the GenAI one).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # What trials report besides Tune's own bookkeeping (timestamps, pids, iteration counters).
@@ -126,6 +131,23 @@ class MlflowRuns:
         self._ids[key] = run_id
         return key
 
+    def supersede(self, parent: str, keep: Iterable[str], keep_ids: Iterable[str],
+                  time_ms: int | None = None) -> list[str]:
+        """End as KILLED, tagged ``SUPERSEDED_TAGS``, the runs under ``parent`` (its run's children
+        with a key under its key) that :func:`orphans` picks; returns their keys."""
+        parent_id, under = self.id_of(parent), self.key_prefix + parent + "/"
+        # one page: a stage has hundreds of trials at most, a search returns up to 50,000 runs
+        found = self.client.search_runs([self._experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                        max_results=50_000)
+        runs = {r.data.tags[KEY_TAG][len(self.key_prefix):]: r for r in found
+                if r.data.tags.get(KEY_TAG, "").startswith(under)}
+        gone = orphans({key: run.data.tags for key, run in runs.items()}, keep, keep_ids)
+        for key in gone:
+            run_id = runs[key].info.run_id
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in SUPERSEDED_TAGS.items()])
+            self.client.set_terminated(run_id, status="KILLED", end_time=time_ms)
+        return gone
+
     def params(self, key: str, params: Mapping[str, Any]) -> None:
         run_id = self.id_of(key)
         logged = self.client.get_run(run_id).data.params
@@ -169,6 +191,17 @@ class MlflowRuns:
             mlflow.pytorch.log_model(model.cpu(), name=name, serialization_format="pickle",
                                      pip_requirements=["torch", "impactx-ray"])
         self.client.update_run(run_id, status="RUNNING")
+
+
+def orphans(runs: Mapping[str, Mapping[str, str]], keep: Iterable[str],
+            keep_ids: Iterable[str]) -> list[str]:
+    """The keys of ``runs`` (key -> tags) that no kept trial holds, by key or by trial id (the
+    key of a trial that failed before it reported is unknown: Tune restores no config for it);
+    runs already superseded are left as they are, so a record applied twice changes nothing."""
+    keep, keep_ids = set(keep), set(keep_ids)
+    return sorted(key for key, tags in runs.items() if key not in keep
+                  and tags.get(TRIAL_ID_TAG) not in keep_ids
+                  and tags.get(SUPERSEDED_TAG) != "true")
 
 
 class TrackingOutage(UserError):
@@ -221,6 +254,13 @@ class Tracker:
     def finish(self, key: str, ok: bool = True) -> None:
         self._record({"op": "finish", "key": key, "ok": ok, "time": int(time.time() * 1000)})
 
+    def supersede(self, parent: str, keep: Iterable[str], keep_ids: Iterable[str]) -> None:
+        """End the trial runs under ``parent`` that no trial of its Tune experiment holds (by key or
+        trial id) as KILLED, tagged ``impactx.superseded``: a record like the others (the runs are
+        looked up when it is applied, once MLflow answers), said in one line if it ends any."""
+        self._record({"op": "supersede", "key": parent, "keep": sorted(set(keep)),
+                      "keep_ids": sorted(set(keep_ids)), "time": int(time.time() * 1000)})
+
     def artifact(self, key: str, path: str | Path, folder: str | None = None) -> None:
         kept = self.journal.keep_file(path) if self.journal else str(path)
         self._record({"op": "artifact", "key": key, "path": kept, "folder": folder,
@@ -264,6 +304,10 @@ class Tracker:
             self.runs.tags(key, r["tags"])
         elif op == "finish":
             self.runs.finish(key, ok=r["ok"], time_ms=r["time"])
+        elif op == "supersede":
+            if gone := self.runs.supersede(key, r["keep"], r["keep_ids"], time_ms=r["time"]):
+                self.log(f"{key}: {len(gone)} trial run(s) started before the sweep was killed, their slots "
+                         f"run again since: ended as KILLED, tagged {SUPERSEDED_TAG} ({', '.join(gone)})")
         elif op == "artifact":
             self.runs.artifact(key, _named(r["path"], r["name"]), r["folder"])
         elif op == "register":

@@ -3,14 +3,14 @@ of the sweep's ``Tracker`` (tracking.py), which keeps them through an outage of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from impactx_ray.sweep.search import stopped_early
-from impactx_ray.sweep.tracking import EARLY_STOPPED_TAG, METRIC_PREFIXES, NODE_TAG, Tracker
+from impactx_ray.sweep.tracking import EARLY_STOPPED_TAG, METRIC_PREFIXES, NODE_TAG, TRIAL_ID_TAG, Tracker
 
 
 class MLflowTrialLogger(tune.Callback):
@@ -34,6 +34,14 @@ class MLflowTrialLogger(tune.Callback):
         point = ",".join(f"{k}={config[k]}" for k in self.param_keys)
         return f"{self.stage_key}/{point}" + (f"#{trial_id}" if self.sampled else "")
 
+    def held(self, results: Iterable[Any]) -> tuple[set[str], set[str]]:
+        """The run keys and trial ids of the trials in ``results`` (a ResultGrid). A trial that
+        failed before it reported has no config in a restored experiment: its id names its run."""
+        results = list(results)
+        ids = {(r.metrics or {}).get("trial_id") for r in results} - {None}
+        keys = {self.trial_key(r.config, (r.metrics or {}).get("trial_id", "")) for r in results if r.config}
+        return keys, ids
+
     def _run(self, trial: Any) -> str:
         """The trial's run key, its run started (with params and tags) on first use."""
         if trial.trial_id not in self.runs:
@@ -41,7 +49,7 @@ class MLflowTrialLogger(tune.Callback):
             key = self.tracker.start(self.trial_key(trial.config, trial.trial_id), name,
                                      parent=self.parent)
             self.tracker.params(key, self.params_of(trial.config))
-            self.tracker.tags(key, {**self.tags_of(trial.config), "impactx.trial_id": trial.trial_id})
+            self.tracker.tags(key, {**self.tags_of(trial.config), TRIAL_ID_TAG: trial.trial_id})
             self.runs[trial.trial_id] = key
         return self.runs[trial.trial_id]
 
