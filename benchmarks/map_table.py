@@ -35,8 +35,8 @@ from impactx_ray.heap import keep_heap
 
 # case: (model, image side, engine images on CUDA, on CPU, shap images); input sizes are timm's own
 CASES = {
-    "lenet5-32": ("lenet5", 32, 64, 32, 8),
-    "lenet5-96": ("lenet5", 96, 9, 4, 2),
+    "lenet5-32": ("lenet5", 32, 1024, 32, 8),
+    "lenet5-96": ("lenet5", 96, 256, 4, 2),
     "mobilenet": ("mobilenet", 32, 32, 2, 1),
     "efficientnet_b2": ("efficientnet_b2", 32, 16, 2, 1),
 }

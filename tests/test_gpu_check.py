@@ -135,6 +135,12 @@ def test_digests_read_each_steps_output(tmp_path):
     assert not d.parity(str(printout), 1e-6)[0]
     printout.write_text("Traceback ...\n")
     assert not d.parity(str(printout), 1e-5)[0]
+    printout.write_text("max |batched - shap| / max |shap|: eager 6.8e-03, compiled 4.5e-06\n"
+                        "images within 1e-05 of shap's map scale: eager 14/16, compiled 16/16\n")
+    assert not d.parity(str(printout), 1e-5)[0]  # all images by default
+    ok, line = d.parity(str(printout), 1e-5, min_share=0.75)  # CUDA's bar: 12 of 16
+    assert ok and "eager 14/16 images within 1e-05" in line
+    assert not d.parity(str(printout), 1e-5, min_share=0.9)[0]
 
     csv = tmp_path / "smi.csv"  # nvidia-smi's own format: a header, then "value unit" fields
     csv.write_text("timestamp, utilization.gpu [%], memory.used [MiB]\n"

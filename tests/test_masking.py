@@ -58,8 +58,8 @@ def test_host_pass_equals_the_device_passes_bit_for_bit(hwc) -> None:
                      img, x, xb, got.numpy())
     engine = _engine(hwc, forward_batch=k)
     want_arena, want = torch.from_numpy(arena0.copy()), torch.empty((k, *hwc))
-    engine._fill_on_device(want_arena, torch.from_numpy(x), torch.from_numpy(xb), img * rows + ctx, node,
-                           img * rows + row, img, want)
+    idx = [torch.from_numpy(a) for a in (img * rows + ctx, node, img * rows + row, img)]  # on the device
+    engine._fill_on_device(want_arena, torch.from_numpy(x), torch.from_numpy(xb), *idx, want)
     assert torch.equal(got_arena, want_arena)
     assert torch.equal(got, want)
 

@@ -46,7 +46,8 @@ import torch
 from tqdm import tqdm
 
 from impactx_ray.defaults import MASK_BYTES
-from impactx_ray.explain import masking, owen
+from impactx_ray.explain import masking
+from impactx_ray.explain.lockstep import LockstepGroup, Pending, run_groups
 
 GPU_MASK_FRACTION = 0.25  # of a GPU's free memory: the rest is the forward's (4096 images per call)
 
@@ -249,11 +250,15 @@ class BatchedPartition:
         """``forward`` on one chunk; each row's logit ``labels[row]`` as Python floats (float64,
         as shap's MaskedModel converts the model's float32 outputs)."""
         start = time.perf_counter()
-        out = self.forward(x_nhwc)
-        picked = out[torch.arange(len(out), device=out.device), labels].cpu()  # syncs a GPU
+        picked = self._pick(x_nhwc, labels).cpu()  # syncs a GPU
         self.forward_seconds += time.perf_counter() - start
-        self.forward_images += len(x_nhwc)
         return picked.tolist()
+
+    def _pick(self, x_nhwc: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``forward`` on one chunk and each row's logit ``labels[row]``, left on the device (no sync)."""
+        out = self.forward(x_nhwc)
+        self.forward_images += len(x_nhwc)
+        return out[torch.arange(len(out), device=out.device), labels]
 
     def _explain_group(self, images_hwc: np.ndarray, labels: np.ndarray) -> np.ndarray:
         tree, dev, n = self.tree, self.device, len(images_hwc)
@@ -261,34 +266,20 @@ class BatchedPartition:
         x = torch.as_tensor(np.ascontiguousarray(images_hwc), device=dev)  # n x H x W x C
         xb = torch.as_tensor(blurred(images_hwc, self.masker), device=dev)  # n x H x W x C
         y = torch.as_tensor(labels, dtype=torch.int64, device=dev)
-        # shap evaluates f(fully masked) then f(x) before the recursion; one forward for all images.
-        base = self._logits(torch.cat([xb, x]), torch.cat([y, y]))
-        budget = self.max_evals - 2  # shap's explain_row passes max_evals - 2 to owen
-        q = owen.new_queues(np.asarray(base[:n]), np.asarray(base[n:]), tree.root, budget)
-        # shap seeds the global generator per image; each image owns one seeded the same way
-        rngs = [np.random.RandomState(self.seed) for _ in range(n)]
-        dvalues = np.zeros((n, 2 * tree.m - 1))  # n x (2M-1), float64 as shap's
-        tasks = np.zeros((n, max(1, -(-self.batch_size // 2))), dtype=np.int64)  # popped slots
-        ntasks = np.zeros(n, dtype=np.int64)
-        queue = (q["heap"], q["size"], q["prio"], q["tie"])
-        fields = (q["ctx"], q["f00"], q["f11"], q["node"], q["w"])
         arena = self._arena(n)
-        active = np.arange(n)
-        while len(active):
-            going = owen.select(active, self.batch_size, budget, tree.expand, dvalues, *queue,
-                                q["f00"], q["f11"], q["node"], q["w"], q["evals"], tasks, ntasks)
-            active = active[going]
-            if not ntasks[active].any():
-                continue
-            # Two masks per popped node, in shap's order (m10 then m01), image after image.
-            masks = owen.masks_to_evaluate(active, tasks, ntasks, q["ctx"], q["node"], q["evals"],
-                                           tree.left, tree.right)
-            fout = np.asarray(self._evaluate(x, xb, y, arena, *masks), dtype=np.float64)
-            ties = np.concatenate([rngs[i].randn(4 * ntasks[i]) for i in active])  # 4 per node
-            owen.update(active, fout, ties, tasks, ntasks, dvalues, q["heap"], q["size"],
-                        q["used"], q["prio"], q["tie"], *fields, q["evals"], tree.left,
-                        tree.right)
+        bounds = np.linspace(0, n, self.groups(n) + 1).astype(int)
+        groups = [LockstepGroup(self, x[a:b], xb[a:b], y[a:b], arena[a:b]) for a, b in zip(bounds, bounds[1:])]
+        run_groups(groups)
+        dvalues = np.concatenate([g.dvalues for g in groups])  # n x (2M-1)
         return lower_credit(dvalues, tree).reshape(n, h, w, c).astype(np.float32)
+
+    def groups(self, n: int) -> int:
+        """Groups the ``n`` images in flight step in (:mod:`lockstep`): two on a GPU, when each
+        group's step still fills a forward call (``batch_size`` masks per image and step), so one
+        group's host work hides behind the other's forwards; one on a CPU, where host and forward
+        share the cores."""
+        fills_two_calls = n * self.batch_size >= 2 * self.forward_batch
+        return 2 if self.device.type == "cuda" and fills_two_calls else 1
 
     def _arena(self, n: int) -> torch.Tensor:
         """n x rows x M context masks, reused across calls (fresh memory costs a page fault per
@@ -309,36 +300,60 @@ class BatchedPartition:
             self._masked_cache = torch.empty((self.forward_batch, *self.tree.hwc), dtype=dtype, device=self.device)
         return self._masked_cache
 
-    def _evaluate(self, x, xb, y, arena, img, ctx, node, row) -> list[float]:
+    def _evaluate(self, x, xb, y, arena, img, ctx, node, row) -> Pending:
         """Build the masks ``arena[img, ctx] | node_mask(node)``, store them at ``arena[img, row]``,
         and return the label logit of each blur-masked image, ``forward_batch`` images per call.
 
-        On a CPU one numba pass per chunk builds masks and masked images (``masking.py``); on a
-        GPU the PyTorch passes of :meth:`_fill_on_device` run beside the forward.
+        On a CPU one numba pass per chunk builds masks and masked images (``masking.py``). On a GPU
+        the step's indices go over in one copy, each chunk's masking is a few whole-chunk kernels
+        (:meth:`_fill_on_device`) queued beside the forwards, and the step's logits come back in
+        one copy that nobody waits for here (:class:`lockstep.Pending`): the host never syncs
+        per chunk, and does other work while the GPU runs. ``forward_seconds`` then counts the
+        time the host spends queueing the step and waiting for its logits.
         """
         fb, rows = self.forward_batch, arena.shape[1]
         src, dst = img * rows + ctx, img * rows + row  # context rows and new rows in the flat arena
         masked_buf = self._masked_buffer(x.dtype)  # fb x H x W x C
-        y_img = y[torch.as_tensor(img, device=self.device)]  # each mask's label
-        fout: list[float] = []
+        if not self.host_masking:
+            start = time.perf_counter()
+            idx = self._to_device(np.stack([src, node, dst, img]))  # 4 x K
+            y_img = y[idx[3]]  # each mask's label
+            picked = []
+            for a in range(0, len(img), fb):
+                k = min(fb, len(img) - a)
+                self._fill_on_device(arena, x, xb, *idx[:, a : a + k], masked_buf[:k])
+                picked.append(self._pick(masked_buf[:k], y_img[a : a + k]))
+            pending = Pending(torch.cat(picked))  # the step's K logits, copied back when ready
+            self.forward_seconds += time.perf_counter() - start
+            return pending
+        flat, x_np, xb_np = arena.view(-1, self.tree.m).numpy(), x.numpy(), xb.numpy()
+        y_img = y[torch.from_numpy(img)]  # each mask's label
+        picked = []
         for a in range(0, len(img), fb):
             k = min(fb, len(img) - a)
             part = slice(a, a + k)
-            if self.host_masking:
-                masking.fill_masked_rows(arena.view(-1, self.tree.m).numpy(), self.tree.box, src[part],
-                                         node[part], dst[part], img[part], x.numpy(), xb.numpy(),
-                                         masked_buf[:k].numpy())
-            else:
-                self._fill_on_device(arena, x, xb, src[part], node[part], dst[part], img[part], masked_buf[:k])
-            fout += self._logits(masked_buf[:k], y_img[part])
-        return fout
+            masking.fill_masked_rows(flat, self.tree.box, src[part], node[part], dst[part], img[part],
+                                     x_np, xb_np, masked_buf[:k].numpy())
+            start = time.perf_counter()
+            picked.append(self._pick(masked_buf[:k], y_img[part]))
+            self.forward_seconds += time.perf_counter() - start
+        return Pending(torch.cat(picked))
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        """``a`` on the device, without waiting for it: on CUDA a copy from pageable memory waits
+        for all the work queued on the stream (the other lockstep group's step, :mod:`lockstep`),
+        one from pinned memory does not (torch's pinned-memory cache keeps the block until the copy
+        has run)."""
+        t = torch.from_numpy(a)
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _fill_on_device(self, arena, x, xb, src, node, dst, img, masked) -> None:
-        """:func:`masking.fill_masked`'s work in PyTorch passes on the device, for one chunk.
-
-        ``img`` is sorted (image after image): each image's masks are one contiguous segment, its
-        new arena rows consecutive, and its masking broadcasts that image instead of gathering a
-        copy per row.
+        """:func:`masking.fill_masked`'s work in whole-chunk PyTorch kernels on the device: no
+        per-image loop, as a chunk on a GPU spans hundreds of images (a kernel launch each would
+        outlast LeNet-5's forward). ``src``, ``node``, ``dst``, ``img`` are index tensors on the
+        device, one entry per mask.
         """
         dev, (h, w, c), k = self.device, self.tree.hwc, len(img)
         if self.node_masks is None:
@@ -347,11 +362,9 @@ class BatchedPartition:
             self._mask_cache = torch.empty((2, self.forward_batch, self.tree.m), dtype=torch.bool, device=dev)
         mask, node_mask = self._mask_cache[0, :k], self._mask_cache[1, :k]  # k x M each
         flat = arena.view(-1, self.tree.m)  # (n * rows) x M
-        torch.index_select(flat, 0, torch.as_tensor(src, device=dev), out=mask)
-        mask |= self.node_masks(torch.as_tensor(node, device=dev), out=node_mask)
-        starts = np.flatnonzero(np.r_[True, img[1:] != img[:-1]]).tolist() + [k]
-        for s, e in zip(starts[:-1], starts[1:]):
-            j, d = int(img[s]), int(dst[s])
-            flat[d : d + e - s].copy_(mask[s:e])  # the image's new arena rows, one block
-            # shap: out = x.copy(); out[~mask] = blurred[~mask], on the flattened H*W*C image
-            torch.where(mask[s:e].view(-1, h, w, c), x[j], xb[j], out=masked[s:e])  # (e-s) x H x W x C
+        torch.index_select(flat, 0, src, out=mask)
+        mask |= self.node_masks(node, out=node_mask)
+        flat.index_copy_(0, dst, mask)  # the new arena rows
+        # shap: out = x.copy(); out[~mask] = blurred[~mask], on the flattened H*W*C image
+        torch.index_select(xb, 0, img, out=masked)  # k x H x W x C, each mask's blurred image
+        torch.where(mask.view(k, h, w, c), x.index_select(0, img), masked, out=masked)
