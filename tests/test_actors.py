@@ -262,7 +262,7 @@ def test_a_worker_stuck_restarting_has_its_shards_requeued(ray_local, inputs, re
     """Worker #1 holds its shards and Ray reports it RESTARTING (as when its node is gone and no
     node is free for it): after restart_timeout_s its shards go to worker #2, it is killed, and
     the maps are whole and right."""
-    from impactx_ray.explain import actors
+    from impactx_ray.explain import dispatch
     from impactx_ray.explain.actors import MapPool
 
     images, labels = inputs
@@ -273,7 +273,7 @@ def test_a_worker_stuck_restarting_has_its_shards_requeued(ray_local, inputs, re
                  log=said.append, restart_timeout_s=1.0) as pool:
         stuck, alive = pool.wait_ready()
         (tmp_path / f"hang-{stuck}").touch()
-        monkeypatch.setattr(actors, "actor_state",
+        monkeypatch.setattr(dispatch, "actor_state",
                             lambda a: "RESTARTING" if a is pool.actors[0] else "ALIVE")
         pool.compute(store, progress=False)
     lines = [s for s in said if s.startswith("map worker #1 has been RESTARTING for ")]

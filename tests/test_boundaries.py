@@ -163,5 +163,6 @@ def test_mlflow_is_imported_only_by_tracking_and_the_registry():
 
 
 def test_ray_is_imported_only_by_the_actors_the_capacity_the_sweep_and_serving():
-    assert all(p in ("explain/actors.py", "capacity.py", "serve/deployment.py", "serve/command.py")
+    assert all(p in ("explain/actors.py", "explain/dispatch.py", "capacity.py", "serve/deployment.py",
+                     "serve/command.py")
                or p.startswith("sweep/") for p in _importers("ray"))

@@ -15,7 +15,7 @@ from impactx_ray.capacity import Bundle, at_once, make_room
 from impactx_ray.data import ImageData
 from impactx_ray.defaults import CHECKPOINT_FILE, SELECTION_METRIC
 from impactx_ray.errors import UserError
-from impactx_ray.explain.actors import user_error_in
+from impactx_ray.explain.dispatch import user_error_in
 from impactx_ray.methods import get_method
 from impactx_ray.sweep.options import SweepOptions
 from impactx_ray.sweep.progress import StageProgress
