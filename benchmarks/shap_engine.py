@@ -19,7 +19,9 @@ compile done (its time is printed) before the clock starts. The engines are time
 and the speed-up is the median of the per-repeat ratios, so a change in the machine's load
 during the run (on a shared machine) shifts both sides of a ratio alike. Every engine's maps are
 compared with shap's (max |m - shap| / max |shap| over the images). The last line is
-``engine_speedup_vs_shap=<(c) or (b) / (a)> forward_share=<its forward time / its wall time>``.
+``engine_speedup_vs_shap=<(c) or (b) / (a)> forward_share=<its forward time / its wall time>
+engine_vs_bound=<the median over repeats of (c) or (b) / its forward bound>``, the bound measured
+just before and just after each repeat of that engine (their geometric mean).
 
     python benchmarks/shap_engine.py --compile              # LeNet-5, 32x32, 2000 evals, 32 images
     python benchmarks/shap_engine.py --compile --model mobilenet --images 2 --device cuda
@@ -117,9 +119,13 @@ def warm_up(ex: TrueClassExplainer, hwc: np.ndarray, y: np.ndarray, device, full
     return time.perf_counter() - start
 
 
-def timed_maps(ex: TrueClassExplainer, hwc: np.ndarray, y: np.ndarray, device, full_map: bool = True) -> dict:
+def timed_maps(ex: TrueClassExplainer, hwc: np.ndarray, y: np.ndarray, device, full_map: bool = True,
+               bound=None) -> dict:
     """Warm ``ex`` up (:func:`warm_up`), then time all images:
-    {"maps_per_s", "forward_share", "warmup_s", "padded_share", "maps"}."""
+    {"maps_per_s", "forward_share", "warmup_s", "padded_share", "maps"}; with ``bound`` (a function
+    measuring the forward bound in maps/s) also "bound": the geometric mean of the bound measured
+    just before and just after the timed maps, so that a drift in the machine's speed during the
+    run moves both sides of engine/bound alike."""
     timer = ex.model if isinstance(ex.model, Timed) else None
     warmup = warm_up(ex, hwc, y, device, full_map)
     if ex.engine == "batched":
@@ -127,18 +133,20 @@ def timed_maps(ex: TrueClassExplainer, hwc: np.ndarray, y: np.ndarray, device, f
         ex.model_forward.padded_images = ex.model_forward.graph_images = 0
     if timer is not None:
         timer.seconds = 0.0
+    before = bound() if bound is not None else None
     with torch.no_grad():
         start = time.perf_counter()
         maps = ex.explain_many(hwc, y)
         sync(device)
         wall = time.perf_counter() - start
+    around = {} if bound is None else {"bound": float(np.sqrt(before * bound()))}
     if ex.engine == "batched":
         fwd = ex.batched.forward_seconds
         padded = ex.model_forward.padded_images / max(ex.model_forward.graph_images, 1)
     else:
         fwd, padded = timer.seconds if timer is not None else float("nan"), 0.0
     return {"maps_per_s": len(hwc) / wall, "forward_share": fwd / wall, "warmup_s": warmup,
-            "padded_share": padded, "maps": maps}
+            "padded_share": padded, "maps": maps, **around}
 
 
 def forward_rate(ex: TrueClassExplainer, hwc_shape, forward_batch: int, max_evals: int, device,
@@ -200,8 +208,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="add the compiled engine and forward bound")
     p.add_argument("--torch-threads", type=int, default=torch.get_num_threads(),
                    help="torch threads for every engine (default: torch's, all cores)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every engine; "
-                   "the median is reported (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every engine; "
+                   "the median is reported (default 5)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args()
     keep_heap()  # as the impactx command and map workers run; shap's forward gets it too
@@ -223,11 +231,14 @@ def main() -> None:
         # same repeat alike, so each repeat's ratio is fair; the median repeat is reported.
         runs: dict[str, list[dict]] = {name: [] for name in engines}
         best = "compiled" if args.compile else "eager"
-        bounds = []  # the best engine's forward bound, measured in every repeat beside it
+        # the best engine's forward bound, measured just before and after each of its repeats
+        def bound() -> float:
+            return forward_rate(engines[best], hwc.shape[1:], fb, args.max_evals, device, args.compile, seconds=0.5)
+
         for _ in range(args.repeats):
             for name, ex in engines.items():
-                runs[name].append(timed_maps(ex, hwc, y, device))
-            bounds.append(forward_rate(engines[best], hwc.shape[1:], fb, args.max_evals, device, args.compile))
+                runs[name].append(timed_maps(ex, hwc, y, device, bound=bound if name == best else None))
+        bounds = [r["bound"] for r in runs[best]]
         ref, eager = median_run(runs["shap"]), median_run(runs["eager"])
         eager_ex = engines["eager"]
         rows = [("(a) shap, one image at a time", ref),

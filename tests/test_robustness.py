@@ -296,12 +296,18 @@ def test_the_eval_budget_bound_is_the_map_engine_s(monkeypatch):
     from impactx_ray.defaults import MASK_BYTES
     from impactx_ray.explain.batched import BatchedPartition, mask_budget
 
-    # the engine's arena: the CPU cap on a CPU, a quarter of a GPU's free memory (never less)
-    engine = BatchedPartition(lambda x: x, (32, 32, 3), masker="blur(8,8)", max_evals=2000, batch_size=100)
-    assert mask_budget(torch.device("cpu")) == MASK_BYTES and engine.images_in_flight == 87
+    # the images in lockstep: the CPU cap on a CPU, a quarter of a GPU's free memory (never less)
+    def engine(device):
+        return BatchedPartition(lambda x: x, (32, 32, 3), masker="blur(8,8)", max_evals=2000, batch_size=100,
+                                device=device)
+
+    # a CPU keeps lineages (2 int64 a row), queues (2 slots of 64 bytes a row), values, the images
+    per_image = 2001 * 16 + 2001 * 128 + (2 * 3072 - 1) * 8 + 2 * 3072 * 4
+    assert mask_budget(torch.device("cpu")) == MASK_BYTES and engine("cpu").bytes_per_image() == per_image
+    assert engine("cpu").images_in_flight == MASK_BYTES // per_image == 1483
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (78 << 30, 80 << 30))
     assert mask_budget(torch.device("cuda")) == (78 << 30) // 4
-    assert (78 << 30) // 4 // (2001 * 32 * 32 * 3) == 3406  # images in lockstep at 32×32×3, 2000 evals
+    assert engine("cuda").images_in_flight == (78 << 30) // 4 // (2001 * 32 * 32 * 3) == 3406  # the GPU's arena
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
     assert mask_budget(torch.device("cuda")) == MASK_BYTES  # a nearly full GPU: the floor
     check_eval_budget(174761, (32, 32, 3))  # the most that fits

@@ -15,11 +15,12 @@ scalar work per queue node (docs/map-engine.md, "Where the time goes"). This mod
 * the values are accumulated in float64 with the same operations in the same order, and credit is
   lowered to the leaves as shap's ``lower_credit`` does (vectorised over images, level by level).
 
-What changes is only *how* the work is done: the masks of all images in one step are dense
-boolean tensors, each its context mask (a row of the image's mask arena) OR the node's own mask
-(every node of shap's image tree is an axis-aligned box of the H x W x C feature grid), and the
-blur masking under it, are built in one numba pass per chunk on a CPU (``masking.py``) or in
-PyTorch passes on a GPU; all masked images go through the model in chunks of ``forward_batch``;
+What changes is only *how* the work is done: every evaluated mask is its context mask OR the
+node's own mask (every node of shap's image tree is an axis-aligned box of the H x W x C feature
+grid). A CPU keeps each mask as its lineage (context row, node) and builds the masked images of a
+chunk in one numba pass (``masking.py``); a GPU keeps each mask as a bool row of the image's mask
+arena and builds masks and masked images in PyTorch passes; all masked images go through the
+model in chunks of ``forward_batch``;
 the per-node queue work is compiled by numba (``owen.py``, parallel over images), not Python over
 NumPy scalars.
 
@@ -53,10 +54,11 @@ GPU_MASK_FRACTION = 0.25  # of a GPU's free memory: the rest is the forward's (4
 
 
 def mask_budget(device: torch.device) -> int:
-    """Bytes the mask arena may take on ``device`` (the worker's, where the engine runs): on a CPU
-    MASK_BYTES; on a GPU a quarter of its free memory, and never less than MASK_BYTES (the driver
-    checks --max-evals against that floor). An 80 GiB GPU with 78 GiB free holds 3,406 images
-    at 32×32×3 with 2000 evaluations in lockstep, where a CPU holds 87."""
+    """Bytes the images in lockstep may take on ``device`` (the worker's, where the engine runs):
+    on a CPU MASK_BYTES; on a GPU a quarter of its free memory, and never less than MASK_BYTES
+    (the driver checks --max-evals against that floor). On a GPU the mask arena is what takes it:
+    an 80 GiB GPU with 78 GiB free holds 3,406 images at 32×32×3 with 2000 evaluations in
+    lockstep; a CPU keeps lineages and queues (:meth:`BatchedPartition.bytes_per_image`), 1,483."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(MASK_BYTES, int(free * GPU_MASK_FRACTION))
@@ -223,15 +225,18 @@ class BatchedPartition:
             raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
         self.forward, self.masker, self.tree = forward, masker, partition_tree(tuple(hwc))
         self.max_evals, self.batch_size, self.seed = int(max_evals), int(batch_size), int(seed)
-        # Every evaluated mask may become a context later: one arena row per evaluation and image.
+        # Every evaluated mask may become a context later: one row per evaluation and image (a
+        # lineage row on a CPU, an arena row on a GPU), row 0 the empty mask.
         self.rows = max(self.max_evals, 2) + 1
-        self.images_in_flight = max(1, max_mask_bytes // (self.rows * self.tree.m))
         self.forward_seconds, self.forward_images = 0.0, 0
-        # A CPU builds masks and masked images in one numba pass (masking.py); a GPU in PyTorch
-        # passes on the device, from node masks made there on first use.
+        # A CPU builds the masked images from the masks' lineages in one numba pass (masking.py);
+        # a GPU builds masks and masked images in PyTorch passes on the device, from node masks
+        # made there on first use.
         self.host_masking = self.device.type == "cpu"
+        self.images_in_flight = max(1, max_mask_bytes // self.bytes_per_image())
         self.node_masks: NodeMasks | None = None
         self._arena_cache: torch.Tensor | None = None
+        self._lineage_cache: torch.Tensor | None = None
         self._masked_cache: torch.Tensor | None = None  # forward_batch x H x W x C
         self._mask_cache: torch.Tensor | None = None  # 2 x forward_batch x M, for _fill_on_device
 
@@ -266,12 +271,21 @@ class BatchedPartition:
         x = torch.as_tensor(np.ascontiguousarray(images_hwc), device=dev)  # n x H x W x C
         xb = torch.as_tensor(blurred(images_hwc, self.masker), device=dev)  # n x H x W x C
         y = torch.as_tensor(labels, dtype=torch.int64, device=dev)
-        arena = self._arena(n)
+        arena = self._lineage(n) if self.host_masking else self._arena(n)
         bounds = np.linspace(0, n, self.groups(n) + 1).astype(int)
         groups = [LockstepGroup(self, x[a:b], xb[a:b], y[a:b], arena[a:b]) for a, b in zip(bounds, bounds[1:])]
         run_groups(groups)
         dvalues = np.concatenate([g.dvalues for g in groups])  # n x (2M-1)
         return lower_credit(dvalues, tree).reshape(n, h, w, c).astype(np.float32)
+
+    def bytes_per_image(self) -> int:
+        """Memory one image in lockstep takes: on a GPU its bool mask arena (rows x M); on a CPU its
+        lineage (2 int64 a row), shap's queue (8 numbers of 8 bytes a slot, 2 slots a row), its
+        node values (float64) and the image and its blurred version."""
+        m = self.tree.m
+        if not self.host_masking:
+            return self.rows * m
+        return self.rows * 16 + self.rows * 2 * 64 + (2 * m - 1) * 8 + 2 * m * 4
 
     def groups(self, n: int) -> int:
         """Groups the ``n`` images in flight step in (:mod:`lockstep`): two on a GPU, when each
@@ -292,6 +306,16 @@ class BatchedPartition:
         arena[:, 0] = False
         return arena
 
+    def _lineage(self, n: int) -> torch.Tensor:
+        """n x rows x 2 int64 (context row, added node) of every evaluated mask, reused across
+        calls (:mod:`masking`). Row 0 of every image is the empty mask (node -1); each other row is
+        written before any queued node can refer to it."""
+        if self._lineage_cache is None or len(self._lineage_cache) < n:
+            self._lineage_cache = torch.empty((n, self.rows, 2), dtype=torch.int64)
+        lineage = self._lineage_cache[:n]
+        lineage[:, 0] = -1
+        return lineage
+
     def _masked_buffer(self, dtype: torch.dtype) -> torch.Tensor:
         """``forward_batch`` x H x W x C masked images, kept across chunks and steps: a fresh
         tensor per chunk cost page faults and malloc traffic that slowed the forward beside it."""
@@ -301,10 +325,13 @@ class BatchedPartition:
         return self._masked_cache
 
     def _evaluate(self, x, xb, y, arena, img, ctx, node, row) -> Pending:
-        """Build the masks ``arena[img, ctx] | node_mask(node)``, store them at ``arena[img, row]``,
-        and return the label logit of each blur-masked image, ``forward_batch`` images per call.
+        """Build the masks ``mask(img, ctx) | node_mask(node)``, store them as row ``row`` of their
+        image, and return the label logit of each blur-masked image, ``forward_batch`` images per
+        call. ``arena`` is the images' masks: on a CPU their lineages (n x rows x 2), on a GPU
+        their arena (n x rows x M bool).
 
-        On a CPU one numba pass per chunk builds masks and masked images (``masking.py``). On a GPU
+        On a CPU one numba pass per chunk stores the lineages and builds the masked images
+        (``masking.py``). On a GPU
         the step's indices go over in one copy, each chunk's masking is a few whole-chunk kernels
         (:meth:`_fill_on_device`) queued beside the forwards, and the step's logits come back in
         one copy that nobody waits for here (:class:`lockstep.Pending`): the host never syncs
@@ -326,7 +353,7 @@ class BatchedPartition:
             pending = Pending(torch.cat(picked))  # the step's K logits, copied back when ready
             self.forward_seconds += time.perf_counter() - start
             return pending
-        flat, x_np, xb_np = arena.view(-1, self.tree.m).numpy(), x.numpy(), xb.numpy()
+        flat, x_np, xb_np = arena.view(-1, 2).numpy(), x.numpy(), xb.numpy()  # (n * rows) x 2
         y_img = y[torch.from_numpy(img)]  # each mask's label
         picked = []
         for a in range(0, len(img), fb):

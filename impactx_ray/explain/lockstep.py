@@ -7,7 +7,7 @@ On a CPU both are the same cores, so one group runs step after step. On a GPU th
 queued without waiting for it (:class:`Pending`), so two groups alternate: while the GPU computes
 group B's forwards, the host finishes group A's last step and queues A's next one behind B's.
 The GPU then waits for Python only when the host work of a step outlasts the other group's
-forwards. Each image keeps its own queue, random tie-breakers and arena rows, so which group an
+forwards. Each image keeps its own queue, random tie-breakers and mask rows, so which group an
 image is in, and how the groups interleave, cannot change its map (docs/map-engine.md).
 """
 
@@ -59,7 +59,8 @@ class Pending:
 
 class LockstepGroup:
     """``n`` images (x, xb, y: n x H x W x C, n x H x W x C, n on the device; ``arena``: their
-    n x rows x M mask arena) stepped through shap's Owen recursion together.
+    masks, n x rows x M bool on a GPU, n x rows x 2 lineages on a CPU) stepped through shap's
+    Owen recursion together.
 
     :meth:`launch` pops the next step's nodes and queues their masked forwards; :meth:`finish`
     waits for their logits and pushes the children. ``dvalues`` holds the credit when done.
