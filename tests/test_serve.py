@@ -62,6 +62,15 @@ def test_bodies_decode_to_the_same_image(digits):
 
 
 @pytest.mark.slow
+def test_a_running_serve_proxy_elsewhere_is_said_in_one_line():
+    from impactx_ray.serve.command import proxy_note
+
+    assert proxy_note(("127.0.0.1", 8000), ("127.0.0.1", 8000)) is None
+    note = proxy_note(("127.0.0.1", 8001), ("0.0.0.0", 8000))
+    assert "\n" not in note and "its HTTP proxy at 0.0.0.0:8000" in note
+    assert "--host 127.0.0.1 --port 8001 do not apply" in note
+
+
 def test_predict_on_a_folder_has_the_runs_test_accuracy(trained_run, digits, tmp_path):
     _, test = digits
     folder = tmp_path / "digits-test"
@@ -107,6 +116,8 @@ def test_serve_answers_concurrent_clients_as_offline_and_refuses_bad_requests(tr
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(1)
             assert info.json() == {"method": "impactx", "classes": test.classes, "image_size": [32, 32]}
+            said = log.read_text()
+            assert f"impactx model of run {trained_run} at {url} (1 replica)" in said and "already runs" not in said
 
             def ask(i: int) -> dict:  # even: the PNG file's bytes; odd: a JSON array
                 if i % 2 == 0:

@@ -8,7 +8,7 @@ mask's **lineage** instead, two integers per evaluation: the context's row and t
 was added. A mask is then the union of the boxes on its chain of rows back to the empty row 0,
 and its masked image is the blurred image with the image's values copied into every such box.
 
-The chain is short (one box per level of the tree at most: 12 at 32×32×3, 15 at 96×96×3) and
+The chain is short (one box per level of the tree at most: 12 at 32×32×3, 16 at 96×96×3) and
 its boxes are disjoint (a node is added to a context it is not part of), so the copies write each
 feature at most twice, and nothing but the masked image itself is written: no 3 KB (32×32×3) to
 27 KB (96×96×3) arena row per evaluation, read back later from a 200 MB to 1.8 GB arena far
