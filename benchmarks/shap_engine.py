@@ -97,9 +97,10 @@ def warm_up(ex: TrueClassExplainer, hwc: np.ndarray, y: np.ndarray, device, full
     the forward run once on a full chunk, half a chunk and 2 images (compiled, when ``ex``
     compiles: this is the compile, of every graph the step sizes need),
     and with ``full_map`` one whole map (caches, allocations; skipped where a map takes minutes).
-    A batched engine's whole map is of all the images, as timed: its mask arena (200 MB for 32
-    images at 32x32x3 and 2000 evaluations) is then allocated and touched, as it is in a map
-    worker after its first shard; a first touch costs a page fault per 4 KiB (~7% of one run)."""
+    A batched engine's whole map is of all the images, as timed: its mask rows (a GPU's arena,
+    200 MB for 32 images at 32x32x3 and 2000 evaluations; a CPU's lineages, 1 MB) and masked
+    buffer are then allocated and touched, as they are in a map worker after its first shard; a
+    first touch costs a page fault per 4 KiB."""
     start = time.perf_counter()
     h, w, c = hwc.shape[1:]
     with torch.no_grad():
