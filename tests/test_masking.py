@@ -14,13 +14,24 @@ import pytest
 import torch
 
 from impactx_ray.explain.batched import BatchedPartition, blurred, partition_tree
-from impactx_ray.explain.masking import fill_masked_rows, lineage_mask
+from impactx_ray.explain.masking import fill_masked_rows
 
 
 def _engine(hwc, forward_batch: int = 64, **kw) -> BatchedPartition:
     weight = torch.randn(int(np.prod(hwc)), 3, generator=torch.Generator().manual_seed(0))
     return BatchedPartition(lambda x: x.flatten(1) @ weight, hwc, masker="blur(2,2)", max_evals=300, batch_size=20,
                             forward_batch=forward_batch, **kw)
+
+
+def lineage_mask(lineage: np.ndarray, box: np.ndarray, row: int, hwc: tuple[int, int, int]) -> np.ndarray:
+    """The H x W x C bool mask of lineage row ``row``: the union of the boxes on its chain (a row
+    is (context row, added node); node -1 is an image's empty row 0)."""
+    mask = np.zeros(hwc, dtype=bool)
+    while lineage[row, 1] >= 0:
+        h0, h1, w0, w1, c0, c1 = box[lineage[row, 1]]
+        mask[h0:h1, w0:w1, c0:c1] = True
+        row = lineage[row, 0]
+    return mask
 
 
 def _empty_lineage(n: int, rows: int) -> np.ndarray:

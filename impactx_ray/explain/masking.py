@@ -26,8 +26,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-CONTEXT, NODE = 0, 1  # the two columns of a lineage row; NODE is -1 in every image's empty row 0
-
 
 @njit(parallel=True, cache=True)
 def fill_masked(lineage, box, src, node, dst, img, x, xb, out, hwc):  # pragma: no cover - numba
@@ -77,12 +75,3 @@ def fill_masked_rows(lineage: np.ndarray, box: np.ndarray, src: np.ndarray, node
     fill_masked(lineage, box, src, node, dst, img, x.reshape(n, -1).view(bits), xb.reshape(n, -1).view(bits),
                 out.reshape(k, -1).view(bits), hwc)
 
-
-def lineage_mask(lineage: np.ndarray, box: np.ndarray, row: int, hwc: tuple[int, int, int]) -> np.ndarray:
-    """The H x W x C bool mask of lineage row ``row`` (the union of the boxes on its chain)."""
-    mask = np.zeros(hwc, dtype=bool)
-    while lineage[row, NODE] >= 0:
-        h0, h1, w0, w1, c0, c1 = box[lineage[row, NODE]]
-        mask[h0:h1, w0:w1, c0:c1] = True
-        row = lineage[row, CONTEXT]
-    return mask
